@@ -1,0 +1,13 @@
+"""amnesiac: record a PyTorch training run, then forget training samples by undoing the steps that saw them.
+
+Implements amnesiac unlearning (Graves, Nagisetty, Ganesh, AAAI 2021) on top of :mod:`deltastore`.
+"""
+
+from .errors import (AmnesiacError, DataError, ModelMismatchError, RecorderError, RunExistsError, RunNotFoundError,
+                     SelectionError)
+from .recorder import Recorder
+from .run import Run, UnlearnReport, open_run
+
+__all__ = ["AmnesiacError", "DataError", "ModelMismatchError", "Recorder", "RecorderError", "Run", "RunExistsError",
+           "RunNotFoundError", "SelectionError", "UnlearnReport", "open_run"]
+__version__ = "0.1.0"

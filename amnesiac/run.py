@@ -1,0 +1,205 @@
+"""Opening a recorded run, finding the steps that saw given samples or classes, and unlearning them.
+
+Everything here works offline from the run directory alone: no training code, no model class, no pickle.
+
+Example:
+    >>> import tempfile, torch, amnesiac
+    >>> model = torch.nn.Linear(2, 2)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    >>> run_dir = tempfile.mkdtemp() + "/run"
+    >>> with amnesiac.Recorder(model, opt, run_dir, durable=False) as rec:
+    ...     for ids in ([0, 1], [2, 3], [1, 4]):
+    ...         rec.add_batch(ids, labels=[i % 2 for i in ids])
+    ...         model(torch.ones(2, 2)).sum().backward()
+    ...         opt.step(); opt.zero_grad()
+    >>> run = amnesiac.open_run(run_dir)
+    >>> run.num_steps, run.steps_for(sample_ids=[1]).tolist(), run.steps_for(classes=[0]).tolist()
+    (3, [0, 2], [0, 1, 2])
+    >>> state = run.unlearn(sample_ids=[1])
+    >>> sorted(state)
+    ['bias', 'weight']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deltastore import DeltaStore, LayoutMismatchError, StoreNotFoundError
+from deltastore.reduce import ReduceResult, plan_unlearning, run_plan
+
+from .errors import ModelMismatchError, RunNotFoundError, SelectionError
+
+
+@dataclass(frozen=True)
+class UnlearnReport:
+    """The outcome of one unlearning request."""
+
+    state: dict[str, torch.Tensor]
+    steps_undone: np.ndarray
+    total_steps: int
+    plan: str  # "final-minus-selected" or "start-plus-others"
+    steps_read: int
+    encoded_bytes_read: int
+    raw_fp32_bytes_read: int
+    seconds: float
+
+    def summary(self) -> dict:
+        return {"steps_undone": int(self.steps_undone.size), "total_steps": self.total_steps, "plan": self.plan,
+                "steps_read": self.steps_read, "encoded_bytes_read": self.encoded_bytes_read,
+                "raw_fp32_bytes_read": self.raw_fp32_bytes_read, "seconds": self.seconds}
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a recorded run for reading (also an incomplete one left by a crash: see :attr:`Run.complete`)."""
+    try:
+        return Run(DeltaStore.open(path))
+    except StoreNotFoundError as e:
+        raise RunNotFoundError(str(e)) from None
+
+
+class Run:
+    """A recorded run, read-only."""
+
+    def __init__(self, store: DeltaStore):
+        self.store = store
+        self._ledger = None
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    @property
+    def num_steps(self) -> int:
+        """The number of committed steps."""
+        return self.store.num_steps
+
+    @property
+    def complete(self) -> bool:
+        """True once the Recorder was closed normally; False after a crash (steps up to the last commit remain)."""
+        return self.store.complete
+
+    @property
+    def spec(self) -> dict:
+        """What the Recorder stored about the model and the data (``model_spec``, ``extra``)."""
+        return self.store.attrs.get("amnesiac", {})
+
+    def _fields(self):
+        if self._ledger is None:
+            self._ledger = self.store.metadata()
+        return self._ledger
+
+    @property
+    def has_labels(self) -> bool:
+        return "labels" in self._fields()
+
+    def sample_ids(self) -> np.ndarray:
+        """Every sample id recorded, unique and sorted."""
+        return np.unique(self._fields()["ids"].values) if "ids" in self._fields() else np.zeros(0, np.int64)
+
+    def samples_of_step(self, step: int) -> np.ndarray:
+        self.store.check_steps([step])
+        return self._fields()["ids"].of(step)
+
+    def steps_for(self, *, sample_ids=None, classes=None) -> np.ndarray:
+        """Sorted int64 steps whose batches held any of ``sample_ids`` (or any sample of ``classes``)."""
+        chosen = [name for name, v in (("sample_ids", sample_ids), ("classes", classes)) if v is not None]
+        if len(chosen) != 1:
+            raise SelectionError("pass exactly one of sample_ids=... or classes=..." if not chosen else
+                                 f"pass only one selection, not {' and '.join(chosen)}")
+        fields = self._fields()
+        if "ids" not in fields:
+            return np.zeros(0, np.int64)
+        ids = fields["ids"]
+        if sample_ids is not None:
+            wanted = _int_array(sample_ids, "sample ids")
+            known = np.isin(wanted, ids.values)
+            if not known.all():
+                missing = wanted[~known]
+                raise SelectionError(f"{missing.size} sample id(s) never appear in this run's ledger, e.g. "
+                                     f"{missing[:5].tolist()}; check the ids (the run has {self.sample_ids().size} "
+                                     "distinct ids). Nothing was unlearned.")
+            hits = np.isin(ids.values, wanted)
+        else:
+            if "labels" not in fields:
+                raise SelectionError("this run recorded no labels, so it cannot select by class; pass labels= "
+                                     "to Recorder.add_batch when recording, or select by sample_ids")
+            wanted = _int_array(classes, "classes")
+            labels = fields["labels"].values
+            unknown = wanted[~np.isin(wanted, labels)]
+            if unknown.size:
+                raise SelectionError(f"class(es) {unknown[:5].tolist()} never appear in this run; recorded classes "
+                                     f"are {np.unique(labels)[:20].tolist()}. Nothing was unlearned.")
+            hits = np.isin(labels, wanted)
+        return np.unique(ids.step_of_each_value()[hits])
+
+    def _selected_steps(self, sample_ids, classes, steps) -> np.ndarray:
+        given = [n for n, v in (("sample_ids", sample_ids), ("classes", classes), ("steps", steps)) if v is not None]
+        if len(given) != 1:
+            raise SelectionError("unlearn needs exactly one of sample_ids=, classes= or steps=" if not given else
+                                 f"unlearn takes one selection, got {' and '.join(given)}")
+        if steps is not None:
+            try:
+                return self.store.check_steps(_int_array(steps, "steps"))
+            except IndexError as e:
+                raise SelectionError(str(e)) from None
+        return self.steps_for(sample_ids=sample_ids, classes=classes)
+
+    def unlearn_report(self, *, sample_ids=None, classes=None, steps=None, device: str | torch.device = "cpu",
+                       progress: bool = False, **reduce_options) -> UnlearnReport:
+        """Like :meth:`unlearn`, with the bookkeeping: steps undone, plan, bytes read, seconds."""
+        undo = self._selected_steps(sample_ids, classes, steps)
+        store = self.store
+        result: ReduceResult = run_plan(store, plan_unlearning(store, undo), device=torch.device(device),
+                                        progress=progress, **reduce_options)
+        floating = store.layout.unflatten(result.total)
+        base = store.read_snapshot("final" if store.complete else "start")
+        # non-floating tensors (BatchNorm's num_batches_tracked) are not deltas: they come from the final state
+        state = {k: floating[k] if k in floating else v.to(device) for k, v in base.items()}
+        plan = "final-minus-selected" if result.plan.base == "final" else "start-plus-others"
+        return UnlearnReport(state, undo, store.num_steps, plan, result.steps_read, result.encoded_bytes_read,
+                             result.raw_fp32_bytes, result.seconds)
+
+    def unlearn(self, *, sample_ids=None, classes=None, steps=None, device: str | torch.device = "cpu",
+                progress: bool = False, **reduce_options) -> dict[str, torch.Tensor]:
+        """A complete state_dict with the selected steps' deltas undone (exactly one selection).
+
+        Reads the cheaper of S_T minus the selected steps and S_0 plus the others.
+        """
+        return self.unlearn_report(sample_ids=sample_ids, classes=classes, steps=steps, device=device,
+                                   progress=progress, **reduce_options).state
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        """S_T (for an incomplete run: S_0 plus every committed step)."""
+        if self.complete:
+            return self.store.read_snapshot("final")
+        return self.unlearn(steps=[])
+
+    def start_state(self) -> dict[str, torch.Tensor]:
+        return self.store.read_snapshot("start")
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise :class:`ModelMismatchError` if ``model``'s tensors differ from the recorded ones."""
+        try:
+            self.store.layout.check(model.state_dict())
+        except LayoutMismatchError as e:
+            raise ModelMismatchError(str(e)) from None
+
+    def load_into(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        self.check_model(model)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ModelMismatchError(f"the weights do not fit the model: {str(e)[:500]}") from None
+        return model
+
+
+def _int_array(values, what: str) -> np.ndarray:
+    arr = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    arr = arr.reshape(-1)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise SelectionError(f"{what} must be integers, got {arr.dtype}")
+    return arr.astype(np.int64)

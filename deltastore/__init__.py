@@ -1,0 +1,17 @@
+"""deltastore: a crash-safe, chunked, checksummed store of per-step parameter deltas, with a streaming reduce core.
+
+See :class:`deltastore.DeltaStore` for the format and call order, :mod:`deltastore.codecs` for the codecs,
+:mod:`deltastore.reduce` for the reduce core and :mod:`deltastore.writer` for the asynchronous write pipeline.
+"""
+
+from .codecs import CODEC_NAMES, Codec, parse_codec
+from .errors import (CorruptionError, DeltaStoreError, FormatError, LayoutMismatchError, ReadOnlyError,
+                     StepSelectionError, StoreExistsError, StoreLockedError, StoreNotFoundError, UnknownCodecError,
+                     WriterError)
+from .layout import TensorLayout
+from .store import DeltaStore
+
+__all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "FormatError",
+           "LayoutMismatchError", "ReadOnlyError", "StepSelectionError", "StoreExistsError", "StoreLockedError",
+           "StoreNotFoundError", "TensorLayout", "UnknownCodecError", "WriterError", "parse_codec"]
+__version__ = "0.1.0"

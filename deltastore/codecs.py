@@ -1,0 +1,195 @@
+"""Delta codecs: how one step's flat float32 delta becomes fixed-size streams on disk, and back.
+
+Every codec cuts the flat vector into chunks of ``chunk_elems`` elements and produces, per step, streams whose
+length is fixed by the layout (so pinned host slots can be preallocated) plus small per-chunk side arrays (scales).
+
+- ``fp32``: the exact float32 delta (lossless compression happens later, in the storage backend).
+- ``fp16``: per-chunk scale so the chunk's largest magnitude maps near fp16's top; nothing underflows.
+- ``bf16``: float32's range with 8 mantissa bits; stored as the raw 16 bits (uint16).
+- ``topk:F``: the largest fraction ``F`` of each chunk; values in fp16 with a per-chunk scale, indices within the
+  chunk sorted and delta-coded (small integers that compress well).
+
+Lossy codecs keep an error-feedback residual on the encoding device: what a step's encoding lost is added to the
+next step's delta before encoding. So ``theta_0 + sum(stored deltas) + residual == theta_final`` up to float32
+rounding, and the residual is stored when the run is closed. The price (see DESIGN.md section 5): the residual
+carries part of step ``s`` into later steps, so undoing ``s`` removes slightly less of it.
+
+Example:
+    >>> import torch
+    >>> codec = parse_codec("fp16", numel=5, chunk_elems=4)
+    >>> enc = codec.encoder(torch.device("cpu"))
+    >>> streams, side = enc.encode(torch.tensor([1e-6, -2e-6, 3.0, 0.0, 5e-9]))
+    >>> block = torch.zeros(5)
+    >>> codec.accumulate(block, 0, 2, {k: v.numpy() for k, v in streams.items()}, {k: v.numpy() for k, v in side.items()})
+    >>> torch.allclose(block, torch.tensor([1e-6, -2e-6, 3.0, 0.0, 5e-9]), rtol=1e-3, atol=0)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import UnknownCodecError
+
+CODEC_NAMES = ("fp32", "fp16", "bf16", "topk:F")
+_FP16_TARGET = 32768.0  # a chunk's largest |value| maps here: headroom below fp16's 65504, far above its underflow
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One fixed-length array written per step: ``per_chunk`` of its elements belong to each data chunk."""
+
+    name: str
+    dtype: str  # numpy dtype name
+    length: int
+    per_chunk: int
+
+    def chunk_range(self, c0: int, c1: int) -> tuple[int, int]:
+        """The stream elements that belong to data chunks ``[c0, c1)``."""
+        return c0 * self.per_chunk, min(c1 * self.per_chunk, self.length)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A parsed codec for a vector of ``numel`` elements cut into chunks of ``chunk_elems``."""
+
+    name: str
+    numel: int
+    chunk_elems: int
+    fraction: float = 1.0  # top-k only
+
+    @property
+    def kind(self) -> str:
+        return self.name.split(":")[0]
+
+    @property
+    def lossy(self) -> bool:
+        return self.kind != "fp32"
+
+    @property
+    def num_chunks(self) -> int:
+        return max(1, math.ceil(self.numel / self.chunk_elems))
+
+    @property
+    def k_per_chunk(self) -> int:
+        return max(1, math.ceil(self.fraction * min(self.chunk_elems, self.numel)))
+
+    def streams(self) -> tuple[StreamSpec, ...]:
+        n, c = self.numel, self.chunk_elems
+        if self.kind == "fp32":
+            return (StreamSpec("data", "float32", n, c),)
+        if self.kind == "fp16":
+            return (StreamSpec("data", "float16", n, c),)
+        if self.kind == "bf16":
+            return (StreamSpec("data", "uint16", n, c),)
+        k, total = self.k_per_chunk, self.k_per_chunk * self.num_chunks
+        return (StreamSpec("values", "float16", total, k), StreamSpec("indices", "int32", total, k))
+
+    def side_arrays(self) -> dict[str, int]:
+        """Per-step float32 side arrays (name -> length) that commit with the step in the step log."""
+        return {"scale": self.num_chunks} if self.kind in ("fp16", "topk") else {}
+
+    def stored_bytes_per_step(self) -> int:
+        """Bytes of the encoded streams before lossless compression."""
+        return sum(s.length * np.dtype(s.dtype).itemsize for s in self.streams())
+
+    def encoder(self, device: torch.device) -> Encoder:
+        return Encoder(self, torch.device(device))
+
+    def accumulate(self, acc: torch.Tensor, c0: int, c1: int, streams: dict[str, np.ndarray | torch.Tensor],
+                   side: dict[str, np.ndarray | torch.Tensor], sign: float = 1.0) -> None:
+        """Add ``sign`` times the decoded data chunks ``[c0, c1)`` to ``acc`` (the block's float32 elements).
+
+        ``streams`` hold exactly the block's part of each stream (see :meth:`StreamSpec.chunk_range`); ``side``
+        holds the step's whole side arrays. Arrays may be numpy or torch; they are moved to ``acc``'s device.
+        """
+        dev, c = acc.device, self.chunk_elems
+        scale = _as_tensor(side["scale"], dev)[c0:c1] if "scale" in side else None
+        if self.kind == "topk":
+            k = self.k_per_chunk
+            vals = _as_tensor(streams["values"], dev).float().view(c1 - c0, k) * scale.unsqueeze(1)
+            idx = torch.cumsum(_as_tensor(streams["indices"], dev).view(c1 - c0, k).long(), dim=1)
+            idx += (torch.arange(c1 - c0, device=dev) * c).unsqueeze(1)
+            idx, vals = idx.reshape(-1), vals.reshape(-1)
+            keep = idx < acc.numel()  # the last chunk's padding never holds a real value
+            acc.index_add_(0, idx[keep], vals[keep], alpha=sign)
+            return
+        data = _as_tensor(streams["data"], dev)
+        if self.kind == "bf16":
+            data = data.view(torch.bfloat16)
+        if scale is None:
+            acc.add_(data, alpha=sign)
+            return
+        for i in range(c1 - c0):  # chunks are large (2**20): a Python loop over them costs nothing
+            seg = slice(i * c, min((i + 1) * c, acc.numel()))
+            acc[seg].add_(data[seg].float(), alpha=sign * float(scale[i]))
+
+
+def _as_tensor(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device, non_blocking=True)
+
+
+class Encoder:
+    """Encodes successive deltas on ``device``, keeping the error-feedback residual there."""
+
+    def __init__(self, codec: Codec, device: torch.device):
+        self.codec, self.device = codec, device
+        n = codec.numel
+        self.residual = torch.zeros(n, device=device) if codec.lossy else None
+        # a padded work buffer lets every chunk be handled as one row of a (chunks, chunk_elems) matrix
+        self._work = torch.zeros(codec.num_chunks * codec.chunk_elems, device=device) if codec.lossy else None
+
+    def encode(self, delta: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Encode one flat float32 delta; returns (streams, side arrays) as tensors on the device."""
+        codec = self.codec
+        if codec.kind == "fp32":
+            return {"data": delta}, {}
+        n, work = codec.numel, self._work
+        torch.add(delta, self.residual, out=work[:n])
+        rows = work.view(codec.num_chunks, codec.chunk_elems)
+        if codec.kind == "bf16":
+            data = work[:n].to(torch.bfloat16)
+            self.residual.copy_(work[:n]).sub_(data.float())
+            return {"data": data.view(torch.int16)}, {}
+        if codec.kind == "fp16":
+            scale = _chunk_scales(rows.abs().amax(dim=1))
+            q = (rows / scale.unsqueeze(1)).to(torch.float16)
+            self.residual.copy_(work[:n]).sub_((q.float() * scale.unsqueeze(1)).view(-1)[:n])
+            return {"data": q.view(-1)[:n]}, {"scale": scale}
+        k = codec.k_per_chunk
+        idx = torch.topk(rows.abs(), k, dim=1, sorted=False).indices.sort(dim=1).values
+        vals = torch.gather(rows, 1, idx)
+        scale = _chunk_scales(vals.abs().amax(dim=1))
+        q = (vals / scale.unsqueeze(1)).to(torch.float16)
+        # residual: everything not kept, plus the rounding error of what was kept
+        rows.scatter_(1, idx, vals - q.float() * scale.unsqueeze(1))
+        self.residual.copy_(work[:n])
+        coded = torch.diff(idx, dim=1, prepend=torch.zeros_like(idx[:, :1])).to(torch.int32)
+        return {"values": q.view(-1), "indices": coded.view(-1)}, {"scale": scale}
+
+
+def _chunk_scales(amax: torch.Tensor) -> torch.Tensor:
+    scale = amax / _FP16_TARGET
+    return torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+
+
+def parse_codec(name: str, *, numel: int, chunk_elems: int) -> Codec:
+    """Parse ``fp32``, ``fp16``, ``bf16`` or ``topk:F`` (0 < F <= 1)."""
+    if not isinstance(name, str):
+        raise UnknownCodecError(f"codec must be a string such as 'fp16', not {type(name).__name__}")
+    if name in ("fp32", "fp16", "bf16"):
+        return Codec(name, numel, chunk_elems)
+    if name.startswith("topk:"):
+        try:
+            fraction = float(name[5:])
+        except ValueError:
+            fraction = -1.0
+        if 0.0 < fraction <= 1.0:
+            return Codec(f"topk:{fraction:g}", numel, chunk_elems, fraction)
+    raise UnknownCodecError(f"unknown codec {name!r}; choose one of fp32, fp16, bf16, topk:F with 0 < F <= 1 "
+                            "(for example topk:0.01)")

@@ -1,0 +1,155 @@
+"""The step log: small per-step metadata (named 1-D arrays) in an append-only, checksummed file.
+
+Each committed step has exactly one record. A record is a fixed header (magic, step, payload length, crc32c of the
+payload) followed by the payload: a count of fields, then per field its name, dtype code, length and raw
+little-endian values. The store's commit file holds the number of log bytes that are committed, so a record torn by
+a crash is simply past the committed length and never read. Nothing here can run code: it is plain numbers.
+
+Example:
+    >>> import numpy as np, tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "steps.log"
+    >>> with StepLogWriter(path, committed_bytes=0) as log:
+    ...     end = log.append(0, {"ids": np.array([4, 7])})
+    ...     end = log.append(1, {"ids": np.array([9])})
+    >>> table = read_step_log(path, committed_bytes=end, num_steps=2)
+    >>> table["ids"].values.tolist(), table["ids"].offsets.tolist()
+    ([4, 7, 9], [0, 2, 3])
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CorruptionError, FormatError
+from .fileio import crc32c
+
+_MAGIC = b"DSTP"
+_HEADER = struct.Struct("<4sQII")  # magic, step, payload bytes, crc32c(payload)
+_FIELD = struct.Struct("<B16sQ")  # dtype code, name (utf-8, NUL-padded), element count
+_DTYPES = {1: np.dtype("<i8"), 2: np.dtype("<f4"), 3: np.dtype("<i4"), 4: np.dtype("<u4")}
+_CODES = {v: k for k, v in _DTYPES.items()}
+MAX_RECORD_BYTES = 256 << 20
+MAX_FIELDS = 64
+
+
+@dataclass(frozen=True)
+class RaggedField:
+    """A field's values for every step, CSR style: step ``s`` owns ``values[offsets[s]:offsets[s+1]]``."""
+
+    values: np.ndarray
+    offsets: np.ndarray
+
+    def of(self, step: int) -> np.ndarray:
+        return self.values[self.offsets[step]:self.offsets[step + 1]]
+
+    def step_of_each_value(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.offsets) - 1, dtype=np.int64), np.diff(self.offsets))
+
+
+def encode_record(step: int, fields: dict[str, np.ndarray]) -> bytes:
+    if len(fields) > MAX_FIELDS:
+        raise FormatError(f"at most {MAX_FIELDS} metadata fields per step")
+    parts = [struct.pack("<H", len(fields))]
+    for name, arr in fields.items():
+        raw_name = name.encode()
+        arr = np.asarray(arr).reshape(-1)
+        dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+        if len(raw_name) > 16 or dtype not in _CODES:
+            raise FormatError(f"metadata field {name!r}: names are at most 16 bytes, dtypes one of "
+                              f"{sorted(str(d) for d in _CODES)}; got dtype {arr.dtype}")
+        parts += [_FIELD.pack(_CODES[dtype], raw_name, arr.size), np.ascontiguousarray(arr, dtype=dtype).tobytes()]
+    payload = b"".join(parts)
+    return _HEADER.pack(_MAGIC, step, len(payload), crc32c(payload)) + payload
+
+
+def _decode_payload(payload: memoryview, step: int) -> dict[str, np.ndarray]:
+    (count,), pos, out = struct.unpack_from("<H", payload, 0), 2, {}
+    if count > MAX_FIELDS:
+        raise FormatError(f"step log record of step {step} claims {count} fields")
+    for _ in range(count):
+        code, raw_name, n = _FIELD.unpack_from(payload, pos)
+        pos += _FIELD.size
+        dtype = _DTYPES.get(code)
+        if dtype is None or pos + n * dtype.itemsize > len(payload):
+            raise FormatError(f"step log record of step {step} has a malformed field")
+        out[raw_name.rstrip(b"\0").decode("utf-8", "replace")] = np.frombuffer(payload, dtype, n, pos)
+        pos += n * dtype.itemsize
+    if pos != len(payload):
+        raise FormatError(f"step log record of step {step} has {len(payload) - pos} trailing bytes")
+    return out
+
+
+def read_step_log(path: Path, *, committed_bytes: int, num_steps: int) -> dict[str, RaggedField]:
+    """Read the committed records and return every field as a :class:`RaggedField` over ``num_steps`` steps."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(committed_bytes)
+    except FileNotFoundError:
+        data = b""
+    if len(data) != committed_bytes:
+        raise CorruptionError(f"the step log {path} holds {len(data)} bytes, the commit file says "
+                              f"{committed_bytes}: it was truncated. The steps past the truncation are lost.")
+    view, pos, records = memoryview(data), 0, []
+    for step in range(num_steps):
+        if pos + _HEADER.size > len(data):
+            raise CorruptionError(f"the step log ends before step {step}'s record")
+        magic, rec_step, size, crc = _HEADER.unpack_from(view, pos)
+        pos += _HEADER.size
+        if magic != _MAGIC or rec_step != step or size > MAX_RECORD_BYTES or pos + size > len(data):
+            raise CorruptionError(f"the step log record of step {step} has a damaged header")
+        payload = view[pos:pos + size]
+        if crc32c(payload) != crc:
+            raise CorruptionError(f"the step log record of step {step} fails its crc32c checksum")
+        records.append(_decode_payload(payload, step))
+        pos += size
+    if pos != len(data):
+        raise CorruptionError(f"the step log has {len(data) - pos} bytes after the last committed record")
+    return _to_ragged(records)
+
+
+def _to_ragged(records: list[dict[str, np.ndarray]]) -> dict[str, RaggedField]:
+    names = sorted({name for r in records for name in r})
+    table = {}
+    for name in names:
+        parts = [r.get(name, np.zeros(0, np.int64)) for r in records]
+        offsets = np.zeros(len(parts) + 1, np.int64)
+        np.cumsum([p.size for p in parts], out=offsets[1:])
+        dtype = next(r[name].dtype for r in records if name in r)
+        values = np.concatenate([p.astype(dtype, copy=False) for p in parts])
+        table[name] = RaggedField(values, offsets)
+    return table
+
+
+class StepLogWriter:
+    """Appends records; :meth:`append` returns the log's new length in bytes, which the commit file records."""
+
+    def __init__(self, path: Path, *, committed_bytes: int, durable: bool = True):
+        self.path, self.durable = Path(path), durable
+        self._f = open(self.path, "ab+")
+        # a crash may have left a torn record after the committed length: cut it off before appending
+        self._f.truncate(committed_bytes)
+        self._f.seek(committed_bytes)
+        self.end = committed_bytes
+
+    def append(self, step: int, fields: dict[str, np.ndarray]) -> int:
+        record = encode_record(step, fields)
+        self._f.write(record)
+        self._f.flush()
+        if self.durable:
+            os.fsync(self._f.fileno())
+        self.end += len(record)
+        return self.end
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> StepLogWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

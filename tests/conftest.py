@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MNIST10K = SHARED_DATA / "mnist10k.npz"
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class SmallBNNet(nn.Module):
+    """Conv + BatchNorm + Linear: floating buffers (running stats) and an integer one (num_batches_tracked)."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.fixture
+def bn_model():
+    torch.manual_seed(0)
+    return SmallBNNet()
+
+
+@pytest.fixture
+def mnist10k():
+    if not MNIST10K.is_file():
+        pytest.skip(f"{MNIST10K} is not present")
+    return MNIST10K
