@@ -135,14 +135,23 @@ def _as_tensor(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tens
 
 
 class Encoder:
-    """Encodes successive deltas on ``device``, keeping the error-feedback residual there."""
+    """Encodes successive deltas on ``device``, keeping the error-feedback residual there.
+
+    The hot path runs once per optimizer step on the training thread, so it allocates nothing proportional to the
+    model beyond the returned streams and top-k's selection: the residual lives in one padded buffer, the delta
+    plus residual in another; casts write straight into their output, and top-k, which leaves its residual in the
+    work buffer, swaps the two instead of copying.
+    """
 
     def __init__(self, codec: Codec, device: torch.device):
         self.codec, self.device = codec, device
         n = codec.numel
-        self.residual = torch.zeros(n, device=device) if codec.lossy else None
-        # a padded work buffer lets every chunk be handled as one row of a (chunks, chunk_elems) matrix
-        self._work = torch.zeros(codec.num_chunks * codec.chunk_elems, device=device) if codec.lossy else None
+        # a padded buffer lets every chunk be handled as one row of a (chunks, chunk_elems) matrix; the padding
+        # stays zero, so it never wins a top-k slot over a real value and never raises a chunk's scale
+        padded = codec.num_chunks * codec.chunk_elems
+        self._work = torch.zeros(padded, device=device) if codec.lossy else None
+        self._spare = torch.zeros(padded, device=device) if codec.lossy else None
+        self.residual = self._spare[:n] if codec.lossy else None
 
     def encode(self, delta: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Encode one flat float32 delta; returns (streams, side arrays) as tensors on the device."""
@@ -154,12 +163,17 @@ class Encoder:
         rows = work.view(codec.num_chunks, codec.chunk_elems)
         if codec.kind == "bf16":
             data = work[:n].to(torch.bfloat16)
-            self.residual.copy_(work[:n]).sub_(data.float())
+            torch.sub(work[:n], data, out=self.residual)  # what bf16 lost is the next residual
             return {"data": data.view(torch.int16)}, {}
         if codec.kind == "fp16":
-            scale = _chunk_scales(rows.abs().amax(dim=1))
-            q = (rows / scale.unsqueeze(1)).to(torch.float16)
-            self.residual.copy_(work[:n]).sub_((q.float() * scale.unsqueeze(1)).view(-1)[:n])
+            scale = _chunk_scales(rows.abs().amax(dim=1))  # faster on CPU than vector_norm(ord=inf)
+            q = torch.empty(rows.shape, dtype=torch.float16, device=rows.device)
+            torch.div(rows, scale.unsqueeze(1), out=q)  # computed in float32, rounded once to float16
+            # the residual is work minus exactly what a reader decodes (the float32 product, rounded as there);
+            # the spare buffer held the residual just consumed, so it takes the decoded values, then the new one
+            decoded = self._spare.view_as(rows)
+            torch.mul(q, scale.unsqueeze(1), out=decoded)
+            torch.sub(rows, decoded, out=decoded)
             return {"data": q.view(-1)[:n]}, {"scale": scale}
         k = codec.k_per_chunk
         idx = torch.topk(rows.abs(), k, dim=1, sorted=False).indices.sort(dim=1).values
@@ -168,9 +182,14 @@ class Encoder:
         q = (vals / scale.unsqueeze(1)).to(torch.float16)
         # residual: everything not kept, plus the rounding error of what was kept
         rows.scatter_(1, idx, vals - q.float() * scale.unsqueeze(1))
-        self.residual.copy_(work[:n])
+        self._swap()
         coded = torch.diff(idx, dim=1, prepend=torch.zeros_like(idx[:, :1])).to(torch.int32)
         return {"values": q.view(-1), "indices": coded.view(-1)}, {"scale": scale}
+
+    def _swap(self) -> None:
+        """The work buffer now holds the new residual: swap roles instead of copying it over."""
+        self._work, self._spare = self._spare, self._work
+        self.residual = self._spare[:self.codec.numel]
 
 
 def _chunk_scales(amax: torch.Tensor) -> torch.Tensor:

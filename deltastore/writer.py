@@ -8,13 +8,18 @@ dropped. Without CUDA the same pipeline runs with plain host slots and synchrono
 
 An exception in the writer is kept and raised once, as :class:`WriterError` naming the step, on the training thread
 at the next ``submit``, ``flush`` or ``close``. Steps submitted after the failed one are not written (their numbers
-would shift); every later call says so rather than dropping steps silently.
+would shift); every later call, ``close`` included, says so rather than dropping steps silently (so a caller that
+closes after a failure cannot go on to mark the run complete).
+
+``stats`` counts where the time goes (seconds the training thread waited for a free slot or copied into one,
+seconds the writer thread spent storing): the recording benchmark reports them.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -58,6 +63,7 @@ class AsyncStepWriter:
         self._error_raised = False
         self._next_step = store.num_steps
         self._closed = False
+        self.stats = {"steps_submitted": 0, "steps_written": 0, "submit_wait_s": 0.0, "fill_s": 0.0, "write_s": 0.0}
         self._thread = threading.Thread(target=self._run, name="deltastore-writer", daemon=True)
         self._thread.start()
 
@@ -73,7 +79,9 @@ class AsyncStepWriter:
         self._raise_pending()
         if self._closed:
             raise DeltaStoreError("the writer is closed")
+        t0 = time.perf_counter()
         index = self._free.get()
+        t1 = time.perf_counter()
         self._raise_pending(release=index)
         slot = self._slots[index]
         event = None
@@ -83,11 +91,21 @@ class AsyncStepWriter:
                 self._fill(slot, streams, side)
                 event = torch.cuda.Event()
                 event.record(self._copy_stream)
+            # the encoded tensors were allocated on the training stream and are freed when the caller drops them:
+            # without this the caching allocator could hand their memory to the next forward pass while the side
+            # stream is still copying out of it (a torn copy)
+            for t in (*streams.values(), *side.values()):
+                if t.is_cuda:
+                    t.record_stream(self._copy_stream)
             self._last_copy = event
         else:
             self._fill(slot, streams, side)
         step = self._next_step
         self._next_step += 1
+        stats = self.stats
+        stats["steps_submitted"] += 1
+        stats["submit_wait_s"] += t1 - t0
+        stats["fill_s"] += time.perf_counter() - t1
         self._work.put((step, index, event, dict(metadata)))
         return step
 
@@ -106,14 +124,13 @@ class AsyncStepWriter:
         self._raise_pending()
 
     def close(self) -> None:
-        """Write what was submitted, stop the thread, and raise a pending error not raised yet."""
-        if self._closed:
-            return
-        self._closed = True
-        self._work.put(None)
-        self._thread.join()
-        if self._error is not None and not self._error_raised:
-            self._raise_pending()
+        """Write what was submitted and stop the thread; raises :class:`WriterError` if the writer failed (the
+        first time with the original error, on every later call as a reminder that steps are missing)."""
+        if not self._closed:
+            self._closed = True
+            self._work.put(None)
+            self._thread.join()
+        self._raise_pending()
 
     @property
     def failed(self) -> bool:
@@ -141,17 +158,21 @@ class AsyncStepWriter:
                 return
             step, index, event, metadata = item
             try:
+                if event is not None:
+                    event.synchronize()  # even after a failure: a slot goes back to the ring only once copied into
                 if self._error is None:
-                    if event is not None:
-                        event.synchronize()
+                    t0 = time.perf_counter()
                     slot = self._slots[index]
                     streams = {k: slot[k].numpy().view(dt) for k, dt in self._dtypes.items()}
                     side = {k[5:]: v.numpy() for k, v in slot.items() if k.startswith("side:")}
                     committed = self.store.append(streams, side, metadata)
                     if committed != step:
                         raise DeltaStoreError(f"step numbering diverged: wrote {committed}, expected {step}")
+                    self.stats["steps_written"] += 1
+                    self.stats["write_s"] += time.perf_counter() - t0
             except BaseException as exc:  # kept and re-raised on the training thread, never swallowed
-                self._error = (step, exc)
+                if self._error is None:
+                    self._error = (step, exc)
             finally:
                 self._free.put(index)
                 self._work.task_done()
