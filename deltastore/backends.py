@@ -7,7 +7,10 @@ number of ``write_step`` for steps ``0, 1, ...`` (a step rewritten after a crash
 
 - :class:`ZarrBackend` (default): one Zarr v3 array per stream, shape (capacity, length), inner chunks aligned with
   the codec's data chunks, one shard per step written whole, blosc-compressed, every chunk and shard index
-  checksummed (crc32c). Capacity grows in blocks by an atomic rewrite of the array metadata.
+  checksummed (crc32c). Capacity grows in blocks by an atomic rewrite of the array metadata. Writes go through
+  zarr; reads parse the shard file directly (index at its end, crc32c of the index and of every inner chunk
+  checked, blosc/zstd decoded straight into the caller's buffer), because zarr's per-read overhead, not the disk or
+  the decompressor, limited the reduce. Arrays whose metadata this reader does not recognise are read through zarr.
 - :class:`SafetensorsBackend`: one uncompressed safetensors file per step; reads are zero-copy slices through
   ``safe_open``/``get_slice``; per-chunk crc32c values travel in the step log (returned by ``write_step``).
 """
@@ -16,12 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from numcodecs import blosc as _blosc
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .codecs import StreamSpec
@@ -32,9 +38,16 @@ CAPACITY_BLOCK = 4096  # steps added per growth of a Zarr array: growth is a met
 
 
 def _shuffle_for(dtype: str) -> str:
-    # Measured on real MNIST/digits deltas (benchmarks/README.md): bit-shuffle packs float exponent bits together
-    # and wins for floats; byte-shuffle suits the small delta-coded top-k indices.
-    return "shuffle" if dtype.startswith("int") else "bitshuffle"
+    # Measured on real MNIST-MLP deltas (benchmarks/RECORD.md, "compressor study"): byte-shuffle beats bit-shuffle
+    # for every stream we write (fp32, fp16, bf16-as-uint16, top-k values and delta-coded indices) with zstd; the
+    # low mantissa bits are noise either way, and byte-shuffle keeps the exponent byte whole for zstd to model.
+    return "shuffle"
+
+
+# Blosc's automatic block size at clevel 1 is small (tens of KiB); 1 MiB blocks let zstd see more context (fp16
+# 0.383 -> 0.366 of raw fp32 on MNIST-MLP deltas) at the same or better speed. Higher clevels gained <= 0.015 more
+# at less than half the speed (benchmarks/RECORD.md).
+_BLOSC_BLOCK_BYTES = 1 << 20
 
 
 class ZarrBackend:
@@ -42,7 +55,13 @@ class ZarrBackend:
 
     def __init__(self, root: Path, streams: tuple[StreamSpec, ...], *, durable: bool):
         self.root, self.streams, self.durable = Path(root), {s.name: s for s in streams}, durable
-        self.arrays = {name: zarr.open_array(self.root / name, mode="r+") for name in self.streams}
+        self.arrays = {name: self._open(name) for name in self.streams}
+        self._shards = {name: _ShardFormat.from_metadata(self.root / name, spec) for name, spec in self.streams.items()}
+
+    def _open(self, name: str):
+        # an all-zero step (a frozen model, lr 0) must still leave its shard file: with zarr's default
+        # write_empty_chunks=False it would leave none, and a committed step without its file reads as damaged
+        return zarr.open_array(self.root / name, mode="r+").with_config({"write_empty_chunks": True})
 
     @classmethod
     def create(cls, root: Path, streams: tuple[StreamSpec, ...], *, durable: bool) -> ZarrBackend:
@@ -51,7 +70,8 @@ class ZarrBackend:
             zarr.create_array(
                 store=str(Path(root) / s.name), shape=(CAPACITY_BLOCK, s.length), dtype=s.dtype,
                 chunks=(1, inner), shards=(1, inner * -(-s.length // inner)), fill_value=0,
-                compressors=[BloscCodec(cname="zstd", clevel=1, shuffle=_shuffle_for(s.dtype)), Crc32cCodec()],
+                compressors=[BloscCodec(cname="zstd", clevel=1, shuffle=_shuffle_for(s.dtype),
+                                       blocksize=_BLOSC_BLOCK_BYTES), Crc32cCodec()],
                 zarr_format=3)
         return cls(root, streams, durable=durable)
 
@@ -69,7 +89,7 @@ class ZarrBackend:
             # zarr's own resize writes zarr.json in place; a crash mid-write would lose the array, so we replace
             # the file atomically instead and reopen
             atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode(), durable=self.durable)
-            self.arrays[name] = zarr.open_array(self.root / name, mode="r+")
+            self.arrays[name] = self._open(name)
 
     def write_step(self, step: int, streams: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._grow(step + 1)
@@ -81,11 +101,145 @@ class ZarrBackend:
                 fsync_dir(path.parent)
         return {}
 
-    def read_range(self, step: int, stream: str, lo: int, hi: int, side: dict[str, np.ndarray]) -> np.ndarray:
-        # a missing shard would read as zeros (zarr's fill value): a committed step must have its file
-        if not self._shard_path(stream, step).exists():
-            raise CorruptionError(f"the data file of step {step} (stream {stream!r}) is missing")
-        return self.arrays[stream][step, lo:hi]
+    def read_range(self, step: int, stream: str, lo: int, hi: int, side: dict[str, np.ndarray], *,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """Elements ``[lo, hi)`` of ``stream`` at ``step``; decoded into ``out`` (any dtype-compatible buffer of at
+        least :meth:`buffer_elems` elements) when given, so a caller can reuse or pin its buffers."""
+        path, fmt = self._shard_path(stream, step), self._shards[stream]
+        if fmt is None:
+            # a missing shard would read as zeros (zarr's fill value): a committed step must have its file
+            if not path.exists():
+                raise CorruptionError(f"the data file of step {step} (stream {stream!r}) is missing")
+            data = self.arrays[stream][step, lo:hi]
+            if out is None:
+                return data
+            view = np.asarray(out).view(data.dtype).reshape(-1)[:hi - lo]
+            view[:] = data
+            return view
+        return fmt.read(path, step, stream, lo, hi, out)
+
+    def buffer_elems(self, stream: str, lo: int, hi: int) -> int:
+        """How many elements an ``out`` buffer for :meth:`read_range` of ``[lo, hi)`` must hold."""
+        fmt = self._shards[stream]
+        if fmt is None:
+            return hi - lo
+        return (-(-hi // fmt.inner) - lo // fmt.inner) * fmt.inner
+
+
+_EMPTY = np.uint64(2 ** 64 - 1)  # zarr's shard index marks an absent inner chunk with (2**64-1, 2**64-1)
+_scratch = threading.local()
+
+
+@dataclass(frozen=True)
+class _ShardFormat:
+    """How to read one stream's shard files without zarr: the layout zarr v3's ``sharding_indexed`` codec writes.
+
+    A shard file is the encoded inner chunks back to back, then the index: ``(offset, nbytes)`` as little-endian
+    uint64 per inner chunk, then the crc32c of the index. Each inner chunk is ``bytes -> [blosc|zstd] -> crc32c``,
+    so its last 4 bytes are the crc32c of the rest.
+    """
+
+    inner: int  # elements per inner chunk
+    per_shard: int  # inner chunks per shard (one shard holds one step's whole row)
+    dtype: np.dtype
+    compressor: str  # "blosc", "zstd" or "" (stored raw)
+    fill: float
+
+    @classmethod
+    def from_metadata(cls, array_dir: Path, spec: StreamSpec) -> _ShardFormat | None:
+        """The format, or None when the array is not laid out the way this reader understands (then zarr reads)."""
+        try:
+            meta = read_json(array_dir / "zarr.json", "zarr array metadata")
+            (shard,) = meta["codecs"]
+            conf = shard["configuration"]
+            inner_shape, shard_shape = conf["chunk_shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+            codecs, index_codecs = [c["name"] for c in conf["codecs"]], [c["name"] for c in conf["index_codecs"]]
+            dtype = np.dtype(meta["data_type"])
+            ok = (shard["name"] == "sharding_indexed" and conf.get("index_location", "end") == "end"
+                  and meta["chunk_grid"]["name"] == "regular" and inner_shape[0] == 1 and shard_shape[0] == 1
+                  and shard_shape[1] % inner_shape[1] == 0 and shard_shape[1] >= meta["shape"][1]
+                  and dtype == np.dtype(spec.dtype) and meta["shape"][1] == spec.length
+                  and index_codecs == ["bytes", "crc32c"] and codecs[0] == "bytes" and codecs[-1] == "crc32c"
+                  and codecs[1:-1] in ([], ["blosc"], ["zstd"])
+                  and all(c.get("configuration", {}).get("endian", "little") == "little"
+                          for c in conf["codecs"] + conf["index_codecs"] if c["name"] == "bytes"))
+            if not ok:
+                return None
+            return cls(inner_shape[1], shard_shape[1] // inner_shape[1], dtype, "".join(codecs[1:-1]),
+                       float(meta.get("fill_value") or 0))
+        except (KeyError, TypeError, ValueError, IndexError, OSError):
+            return None
+
+    def read(self, path: Path, step: int, stream: str, lo: int, hi: int, out: np.ndarray | None) -> np.ndarray:
+        first, last = lo // self.inner, -(-hi // self.inner)
+        need = (last - first) * self.inner
+        if out is None:
+            dst = np.empty(need, self.dtype)
+        else:
+            dst = np.asarray(out).reshape(-1).view(self.dtype)
+            if dst.size < need:
+                raise ValueError(f"out holds {dst.size} elements; reading [{lo}, {hi}) needs {need}")
+            dst = dst[:need]
+        where = f"step {step} (stream {stream!r})"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptionError(f"the data file of {where} is missing: {path}") from None
+        try:
+            size = os.fstat(fd).st_size
+            index_bytes = self.per_shard * 16 + 4
+            if size < index_bytes:
+                raise CorruptionError(f"the data file of {where} is truncated ({size} bytes)")
+            raw = os.pread(fd, index_bytes, size - index_bytes)
+            if len(raw) != index_bytes or crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise CorruptionError(f"the shard index of {where} fails its crc32c checksum")
+            index = np.frombuffer(raw, "<u8", count=2 * self.per_shard).reshape(-1, 2)
+            chunk_bytes = self.inner * self.dtype.itemsize
+            for k, c in enumerate(range(first, last)):
+                target = dst[k * self.inner:(k + 1) * self.inner]
+                offset, nbytes = index[c]
+                if offset == _EMPTY and nbytes == _EMPTY:
+                    target.fill(self.fill)
+                    continue
+                offset, nbytes = int(offset), int(nbytes)
+                if nbytes < 4 or offset + nbytes > size - index_bytes:
+                    raise CorruptionError(f"the shard index of {where} points outside the file (chunk {c})")
+                buf = _scratch_view(nbytes)
+                if os.preadv(fd, [buf], offset) != nbytes:
+                    raise CorruptionError(f"chunk {c} of {where} is truncated")
+                body = buf[:-4]
+                if crc32c(body) != int.from_bytes(buf[-4:], "little"):
+                    raise CorruptionError(f"chunk {c} of {where} fails its crc32c checksum")
+                self._decode(body, target.view(np.uint8), chunk_bytes, f"chunk {c} of {where}")
+        finally:
+            os.close(fd)
+        return dst[lo - first * self.inner:hi - first * self.inner]
+
+    def _decode(self, body: memoryview, target: np.ndarray, nbytes: int, where: str) -> None:
+        if self.compressor == "blosc":
+            # blosc's 16-byte header: version, versionlz, flags, typesize, then uint32 nbytes, blocksize, cbytes
+            if (len(body) < 16 or int.from_bytes(body[4:8], "little") != nbytes
+                    or int.from_bytes(body[12:16], "little") != len(body)):
+                raise CorruptionError(f"{where} decodes to the wrong size")
+            _blosc.decompress(body, target)
+        elif self.compressor == "zstd":
+            from numcodecs import Zstd
+            data = Zstd().decode(body)
+            if len(data) != nbytes:
+                raise CorruptionError(f"{where} decodes to the wrong size")
+            target[:] = np.frombuffer(data, np.uint8)
+        else:
+            if len(body) != nbytes:
+                raise CorruptionError(f"{where} has the wrong size")
+            target[:] = np.frombuffer(body, np.uint8)
+
+
+def _scratch_view(nbytes: int) -> memoryview:
+    """A per-thread reusable read buffer of ``nbytes`` (the encoded chunk is read into it, then decoded out)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _scratch.buf = bytearray(max(nbytes, 1 << 20))
+    return memoryview(buf)[:nbytes]
 
 
 class SafetensorsBackend:
@@ -116,7 +270,8 @@ class SafetensorsBackend:
         step_bytes = spec.per_chunk * data.itemsize
         return np.array([crc32c(raw[i:i + step_bytes]) for i in range(0, raw.size, step_bytes)] or [0], np.uint32)
 
-    def read_range(self, step: int, stream: str, lo: int, hi: int, side: dict[str, np.ndarray]) -> np.ndarray:
+    def read_range(self, step: int, stream: str, lo: int, hi: int, side: dict[str, np.ndarray], *,
+                   out: np.ndarray | None = None) -> np.ndarray:
         spec, path = self.streams[stream], self._path(step)
         try:
             with safe_open(str(path), framework="numpy") as f:
@@ -127,14 +282,20 @@ class SafetensorsBackend:
             raise CorruptionError(f"the data file of step {step} is damaged ({type(e).__name__}: {e})") from None
         if data.size != hi - lo:
             raise CorruptionError(f"the data file of step {step} holds too few elements of {stream!r}")
-        crcs = side.get(f"_crc_{stream}")
-        if crcs is not None:
-            per = spec.per_chunk
-            for c in range(lo // per, -(-hi // per)):
-                part = data[c * per - lo:min((c + 1) * per, hi) - lo]
-                if crc32c(np.ascontiguousarray(part).view(np.uint8)) != int(crcs[c]):
-                    raise CorruptionError(f"chunk {c} of step {step} (stream {stream!r}) fails its crc32c checksum")
-        return data
+        # the store hands side arrays over without their leading '_' (the step log's field is "_crc_<stream>")
+        crcs = side.get(f"crc_{stream}", side.get(f"_crc_{stream}"))
+        if crcs is None:
+            raise CorruptionError(f"step {step} (stream {stream!r}) has no chunk checksums in the step log")
+        per = spec.per_chunk
+        for c in range(lo // per, -(-hi // per)):
+            part = data[c * per - lo:min((c + 1) * per, hi) - lo]
+            if c >= len(crcs) or crc32c(np.ascontiguousarray(part).view(np.uint8)) != int(crcs[c]):
+                raise CorruptionError(f"chunk {c} of step {step} (stream {stream!r}) fails its crc32c checksum")
+        if out is None:
+            return data
+        view = np.asarray(out).reshape(-1).view(data.dtype)[:hi - lo]
+        view[:] = data
+        return view
 
 
 BACKENDS = {"zarr": ZarrBackend, "safetensors": SafetensorsBackend}

@@ -1,10 +1,13 @@
 """The reduce core: sum a selection of steps chunk by chunk, with bounded memory, on the CPU or a CUDA device.
 
-Work is cut into tasks of (step, block of data chunks), visited step by step so each step's file is read front to
-back. A few prefetch threads read and decode-ready the tasks' stream ranges (zarr and blosc release the GIL) while
-the calling thread adds the previous blocks into the accumulator on the target device. At most
-``max_inflight_bytes`` of encoded data are read ahead, whatever the number of steps; the accumulator itself is one
-flat float32 vector (the size of the model).
+Work is cut into tasks of (step, block of data chunks), handed out step by step so each step's file is read front to
+back. On the CPU, ``workers`` threads each take a task, read and decode its stream ranges into the thread's own
+reusable buffers (file reads, crc32c, blosc and torch's adds all release the GIL) and add the block into the
+accumulator under that block's lock, so two threads never add into the same elements at once and nothing is queued:
+memory in flight is ``workers`` decoded blocks. For a CUDA device the threads decode into pinned host buffers and
+queue them (at most ``max_inflight_bytes``) for the calling thread, which copies them to the device without blocking
+and sums there while the threads read on. Either way the accumulator is one flat float32 vector (the size of the
+model) and the extra memory does not grow with the number of steps.
 
 Example:
     >>> import tempfile, torch
@@ -18,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import CorruptionError, DeltaStoreError
+from .errors import CorruptionError
 
 DEFAULT_INFLIGHT_BYTES = 512 << 20
-DEFAULT_BLOCK_BYTES = 64 << 20
+DEFAULT_BLOCK_BYTES = 16 << 20  # small enough that a ResNet-18 gives every thread a block of its own
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,12 @@ def reduce_steps(store, steps: np.ndarray, *, device: torch.device = torch.devic
                  into: torch.Tensor | None = None, sign: float = 1.0, workers: int = 2,
                  max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES, block_bytes: int = DEFAULT_BLOCK_BYTES,
                  progress: bool = False) -> ReduceResult:
-    """Add ``sign`` times the sum of ``steps`` (sorted, committed) into ``into`` (or zeros) and return it."""
+    """Add ``sign`` times the sum of ``steps`` (sorted, committed) into ``into`` (or zeros) and return it.
+
+    ``block_bytes`` (encoded stream bytes per task) and ``max_inflight_bytes`` bound the memory used besides the
+    accumulator; ``workers`` is the number of reading threads. A damaged or missing chunk raises
+    :class:`CorruptionError` naming the step and the tensors it holds.
+    """
     t0 = time.perf_counter()
     device = torch.device(device)
     codec, backend, n = store.codec, store.backend, store.layout.numel
@@ -89,48 +98,134 @@ def reduce_steps(store, steps: np.ndarray, *, device: torch.device = torch.devic
     chunk_bytes = sum(s.per_chunk * np.dtype(s.dtype).itemsize for s in streams)
     per_block = max(1, block_bytes // max(1, chunk_bytes))
     blocks = _blocks(codec.num_chunks, per_block)
-    depth = max(1, max_inflight_bytes // max(1, per_block * chunk_bytes))
-    pin = device.type == "cuda"
+    task_bytes = per_block * chunk_bytes
+    depth = max(1, max_inflight_bytes // max(1, task_bytes))
+    workers = max(1, min(workers, depth, len(steps) * len(blocks)))
+    sizer = getattr(backend, "buffer_elems", None)
 
-    def read(step: int, c0: int, c1: int):
+    def read(step: int, c0: int, c1: int, alloc):
         side = store.side_arrays(step)
+        data = {}
         try:
-            data = {s.name: backend.read_range(step, s.name, *s.chunk_range(c0, c1), side) for s in streams}
-        except DeltaStoreError:
-            raise
-        except Exception as e:  # zarr/blosc report checksum and decode failures as plain exceptions
+            for s in streams:
+                lo, hi = s.chunk_range(c0, c1)
+                need = sizer(s.name, lo, hi) if sizer else hi - lo
+                data[s.name] = backend.read_range(step, s.name, lo, hi, side, out=alloc(s, need))
+        except Exception as e:  # checksum, decode and missing-file failures: name the step and its tensors
             tensors = store.layout.tensors_in(c0 * codec.chunk_elems, min(c1 * codec.chunk_elems, n))
-            raise CorruptionError(f"step {step}, tensors {_short(tensors)}: stored data is damaged "
+            raise CorruptionError(f"step {step}, tensors {_short(tensors)}: stored data is damaged or missing "
                                   f"({type(e).__name__}: {e}). Run `deltastore verify {store.path}`.") from None
-        if pin:
-            data = {k: torch.from_numpy(np.ascontiguousarray(v)).pin_memory() for k, v in data.items()}
-        return step, c0, c1, data, side
+        return data, side
 
-    tasks = ((int(s), c0, c1) for s in steps for c0, c1 in blocks)
+    tasks = [(int(s), c0, c1) for s in steps for c0, c1 in blocks]
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(steps) * len(blocks), unit="block", desc="reducing", leave=False)
-    encoded = 0
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="deltastore-read") as pool:
-        pending: deque = deque()
-        for task in tasks:
-            pending.append(pool.submit(read, *task))
-            if len(pending) >= depth:
-                encoded += _add(codec, acc, pending.popleft().result(), sign)
-                bar and bar.update()
-        while pending:
-            encoded += _add(codec, acc, pending.popleft().result(), sign)
-            bar and bar.update()
-    if bar is not None:
-        bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        bar = tqdm(total=len(tasks), unit="block", desc="reducing", leave=False)
+    try:
+        if device.type == "cuda":
+            encoded = _reduce_to_device(codec, acc, tasks, read, sign, workers, depth, bar)
+            torch.cuda.synchronize(device)
+        else:
+            encoded = _reduce_on_cpu(codec, acc, tasks, read, sign, workers, len(blocks), bar)
+    finally:
+        if bar is not None:
+            bar.close()
     return ReduceResult(acc, len(steps), encoded, len(steps) * n * 4, time.perf_counter() - t0)
 
 
-def _add(codec, acc: torch.Tensor, item, sign: float) -> int:
-    step, c0, c1, data, side = item
+def _reduce_on_cpu(codec, acc, tasks, read, sign, workers, num_blocks, bar) -> int:
+    """Each thread reads, decodes and adds its tasks itself.
+
+    Tasks go out in step order; a thread adds its block only once the block's earlier steps are in, so every element
+    sums its steps in the same order whatever the threads do (the result is bitwise reproducible), and no two threads
+    ever add into the same block at once. The earliest unfinished task never waits, so this cannot deadlock.
+    """
+    block_of = {c0: i for i, c0 in enumerate(sorted({t[1] for t in tasks}))}
+    next_task = iter(enumerate(tasks))
+    take, turn, stop = threading.Lock(), threading.Condition(), threading.Event()
+    added = [0] * num_blocks  # per block: how many of its tasks (in task order) are summed
+    rank = {}  # task position -> its rank among its block's tasks
+    counts = [0] * num_blocks
+    for i, (_, c0, _) in enumerate(tasks):
+        rank[i] = counts[block_of[c0]]
+        counts[block_of[c0]] += 1
+
+    def work() -> int:
+        buffers: dict[str, np.ndarray] = {}
+
+        def alloc(spec, need: int) -> np.ndarray:  # the thread's own buffer, reused once the add is done
+            buf = buffers.get(spec.name)
+            if buf is None or buf.size < need:
+                buf = buffers[spec.name] = np.empty(need, spec.dtype)
+            return buf[:need]
+
+        done = 0
+        while not stop.is_set():
+            with take:
+                i, task = next(next_task, (None, None))
+            if task is None:
+                break
+            b = block_of[task[1]]
+            try:
+                data, side = read(*task, alloc)
+                with turn:
+                    turn.wait_for(lambda: added[b] == rank[i] or stop.is_set())
+                if stop.is_set():
+                    break
+                done += _add(codec, acc, task, data, side, sign)
+            except BaseException:
+                stop.set()
+                with turn:
+                    turn.notify_all()
+                raise
+            with turn:
+                added[b] += 1
+                turn.notify_all()
+            if bar is not None:
+                bar.update()
+        return done
+
+    if workers == 1:
+        return work()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltastore-reduce") as pool:
+        futures = [pool.submit(work) for _ in range(workers)]
+        return sum(f.result() for f in futures)
+
+
+def _reduce_to_device(codec, acc, tasks, read, sign, workers, depth, bar) -> int:
+    """Threads decode into pinned host memory; this thread copies each block over (non-blocking) and sums it.
+
+    torch's caching host allocator does not hand a pinned block out again before the copy that used it has run, so
+    dropping the host tensors after queuing the copy is safe.
+    """
+    def alloc(spec, need: int) -> np.ndarray:
+        return torch.empty(need * np.dtype(spec.dtype).itemsize, dtype=torch.uint8, pin_memory=True).numpy()
+
+    def produce(step: int, c0: int, c1: int):
+        data, side = read(step, c0, c1, alloc)
+        return (step, c0, c1), {k: torch.from_numpy(v) for k, v in data.items()}, side
+
+    encoded = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltastore-read") as pool:
+        pending: deque = deque()
+        try:
+            for task in tasks:
+                pending.append(pool.submit(produce, *task))
+                if len(pending) >= depth:
+                    encoded += _add(codec, acc, *pending.popleft().result(), sign)
+                    bar and bar.update()
+            while pending:
+                encoded += _add(codec, acc, *pending.popleft().result(), sign)
+                bar and bar.update()
+        finally:
+            for f in pending:
+                f.cancel()
+    return encoded
+
+
+def _add(codec, acc: torch.Tensor, task, data, side, sign: float) -> int:
+    _, c0, c1 = task
     lo, hi = c0 * codec.chunk_elems, min(c1 * codec.chunk_elems, acc.numel())
     codec.accumulate(acc[lo:hi], c0, c1, data, side, sign)
     return sum(v.nbytes for v in data.values())
