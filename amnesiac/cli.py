@@ -14,6 +14,8 @@ from deltastore import DeltaStoreError
 
 from .errors import AmnesiacError, SelectionError
 
+METHOD_NAMES = ("amnesiac", "amnesiac-finetune", "retrain", "finetune", "relabel", "neggrad")
+EXPERIMENT_NAMES = ("mnist", "cifar100", "samples", "fraction", "codecs")
 EPILOG = "Errors exit with status 2 and one line naming the remedy; nothing is written on bad input."
 
 
@@ -66,7 +68,7 @@ def cmd_train(args) -> dict:
     model = build_model(spec).to(device)
     opt = make_optimizer(model, args.optimizer, args.lr)
     extra = {"data": data_spec, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
-             "epochs": args.epochs}
+             "epochs": args.epochs, "seed": args.seed}
     with Recorder(model, opt, args.run, codec=args.codec, backend=args.backend, model_spec=spec,
                   extra=extra) as rec:
         seconds = train(model, opt, bundle.train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
@@ -80,6 +82,12 @@ def cmd_train(args) -> dict:
     return result
 
 
+def _selection(args) -> dict:
+    return {"sample_ids": parse_ints(args.samples) if args.samples else None,
+            "classes": parse_ints(args.classes) if args.classes else None,
+            "steps": parse_ints(args.steps) if args.steps else None}
+
+
 def cmd_forget(args) -> dict:
     from safetensors.torch import save_file
 
@@ -88,56 +96,64 @@ def cmd_forget(args) -> dict:
     if out.exists() and not args.overwrite:
         raise AmnesiacError(f"{out} exists; pass --overwrite or choose another --out")
     run = open_run(args.run)
-    selection = {"sample_ids": parse_ints(args.samples) if args.samples else None,
-                 "classes": parse_ints(args.classes) if args.classes else None,
-                 "steps": parse_ints(args.steps) if args.steps else None}
-    report = run.unlearn_report(**selection, device=_device(args.device), progress=not args.json)
-    state = {k: v.cpu() for k, v in report.state.items()}
-    finetune_seconds = 0.0
-    if args.finetune_epochs:
-        state, finetune_seconds = _finetune(run, state, selection, args)
-    result = {"run": str(run.path), "out": str(out), **report.summary(), "finetune_epochs": args.finetune_epochs,
-              "finetune_seconds": finetune_seconds, "complete_run": run.complete}
-    meta = {"amnesiac": json.dumps({k: v for k, v in result.items() if k != "out"})}
+    selection = _selection(args)
+    method = args.method
+    if method == "amnesiac" and args.finetune_epochs:
+        method = "amnesiac-finetune"  # the older spelling: amnesiac + --finetune-epochs K
+    if method == "amnesiac":
+        report = run.unlearn_report(**selection, device=_device(args.device), progress=not args.json)
+        state = {k: v.cpu() for k, v in report.state.items()}
+        result = {"run": str(run.path), "out": str(out), "method": method, **report.summary(), "finetune_epochs": 0,
+                  "finetune_seconds": 0.0, "complete_run": run.complete}
+    else:
+        state, result = _baseline(run, selection, method, args)
+        result = {"run": str(run.path), "out": str(out), **result, "complete_run": run.complete}
+    meta = {"amnesiac": json.dumps({k: v for k, v in result.items() if k != "out"}, default=_jsonable)}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
     if not args.json:
-        print(f"undid {result['steps_undone']} of {result['total_steps']} steps ({report.plan}, read "
-              f"{result['steps_read']} steps) in {result['seconds']:.2f} s; wrote {out}")
+        if "steps_undone" in result:
+            print(f"{method}: undid {result['steps_undone']} of {result['total_steps']} steps ({result['plan']}, "
+                  f"read {result['steps_read']} steps) in {result['seconds']:.2f} s"
+                  + (f" + {result['finetune_seconds']:.2f} s of fine-tuning" if result["finetune_epochs"] else "")
+                  + f"; wrote {out}")
+        else:
+            print(f"{method}: {result['seconds']:.2f} s; wrote {out}")
     return result
 
 
-def _finetune(run, state, selection, args):
-    from .data import bundle_from_spec
-    from .models import build_model
-    from .training import make_optimizer, train
+def _baseline(run, selection, method, args):
+    """Every --method but plain amnesiac: needs the model and data description `amnesiac train` stores."""
+    from .baselines import UnlearnTask, run_method
     spec = run.spec
     if not spec.get("model_spec"):
-        raise AmnesiacError("--finetune-epochs needs the model and data description that `amnesiac train` stores; "
-                            "this run was recorded from Python: fine-tune there with amnesiac.training.train")
-    extra = spec.get("extra", {})
-    bundle = bundle_from_spec(extra.get("data", {}), download=args.download)
-    retained = bundle.train
-    if selection["classes"]:
-        retained = retained.without_classes(selection["classes"])
-    if selection["sample_ids"]:
-        retained = retained.without_ids(selection["sample_ids"])
-    if selection["steps"]:
-        # forgetting by steps: drop every sample those steps saw
-        seen = np.concatenate([run.samples_of_step(s) for s in selection["steps"]])
-        retained = retained.without_ids(seen)
-    model = build_model(spec["model_spec"])
-    model.load_state_dict(state)
-    opt = make_optimizer(model, extra.get("optimizer", "adam"), extra.get("lr", 1e-3))
-    seconds = train(model, opt, retained, epochs=args.finetune_epochs, batch_size=extra.get("batch_size", 64),
-                    seed=1)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, seconds
+        raise AmnesiacError(f"--method {method} (or --finetune-epochs) needs the model and data description that "
+                            "`amnesiac train` stores; this run was recorded from Python: use amnesiac.baselines there")
+    task = UnlearnTask.from_run(run, **{k: v for k, v in selection.items() if v is not None}, download=args.download)
+    options: dict = {}
+    if method == "amnesiac-finetune":
+        options = {"epochs": args.finetune_epochs or args.epochs or 1, "device": str(_device(args.device))}
+    elif method in ("finetune", "relabel", "neggrad") and args.epochs:
+        options = {"epochs": args.epochs}
+    elif method == "retrain" and args.epochs:
+        options = {"epochs": args.epochs}
+    if method == "neggrad" and args.lr:
+        options["lr"] = args.lr
+    r = run_method(method, task, **options)
+    result = {"method": method, "seconds": r.seconds, **{k: v for k, v in r.info.items() if k != "seconds"},
+              "forget_set_size": len(task.forget_set)}
+    if method == "amnesiac-finetune":
+        result.update(seconds=r.info.get("unlearn_seconds", r.seconds), total_seconds=r.seconds,
+                      finetune_seconds=r.info.get("finetune_seconds", 0.0))
+    return r.state, result
 
 
 def cmd_eval(args) -> dict:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from .data import bundle_from_spec
+    from .evaluation import evaluate, fit_shadow_attack, json_ready, storage
     from .models import build_model
     from .run import open_run
     from .training import accuracy
@@ -145,18 +161,58 @@ def cmd_eval(args) -> dict:
     spec = run.spec
     if not spec.get("model_spec"):
         raise AmnesiacError("this run holds no model description (it was not recorded by `amnesiac train`); "
-                            "evaluate it from Python with amnesiac.training.accuracy")
+                            "evaluate it from Python with amnesiac.training.accuracy and amnesiac.evaluation")
     bundle = bundle_from_spec(spec.get("extra", {}).get("data", {}), download=args.download)
     model = build_model(spec["model_spec"])
     state = load_file(args.weights) if args.weights else run.final_state()
     run.load_into(model, state)
     forget = parse_ints(args.forget_classes) if args.forget_classes else []
     result = {"run": str(run.path), "weights": args.weights or "final", "forget_classes": forget,
-              "test": accuracy(model, bundle.test, forget), "train": accuracy(model, bundle.train, forget)}
+              "test": accuracy(model, bundle.test, forget), "train": accuracy(model, bundle.train, forget),
+              "storage": storage(run)}
+    if args.weights:
+        with safe_open(args.weights, "pt") as f:
+            made = json.loads((f.metadata() or {}).get("amnesiac", "{}"))
+        result["method"] = made.get("method", "amnesiac" if "steps_undone" in made else None)
+        result["seconds"] = made.get("total_seconds", made.get("seconds"))
+        result["made_by"] = made
+    forget_samples = parse_ints(args.forget_samples) if args.forget_samples else None
+    if forget or forget_samples:
+        from .baselines import UnlearnTask
+        task = UnlearnTask.from_run(run, classes=forget or None, sample_ids=None if forget else forget_samples,
+                                    bundle=bundle)
+        reference = load_file(args.reference) if args.reference else None
+        attack = fit_shadow_attack(task, shadows=args.shadows) if args.shadows else None
+        metrics = evaluate(task, state, reference=reference, attack=attack)
+        result.update({k: v for k, v in metrics.items() if k != "test"})
+    result = json_ready(result)
     if not args.json:
         t = result["test"]
-        print(f"test accuracy: overall {t['overall']:.1%}"
-              + (f", forgotten classes {t['forgotten']:.1%}, retained {t['retained']:.1%}" if forget else ""))
+        print(f"test accuracy: overall {_p(t['overall'])}"
+              + (f", forgotten classes {_p(t['forgotten'])}, retained {_p(t['retained'])}" if forget else ""))
+        if "forget_set" in result:
+            print(f"forget set: accuracy {_p(result['forget_set'])}, loss-attack recall "
+                  f"{result['mia_loss']['recall']:.3f} (AUC {result['mia_loss']['auc']:.3f})"
+                  + (f", shadow-attack recall {result['mia_shadow']['recall']:.3f} (AUC "
+                     f"{result['mia_shadow']['auc']:.3f})" if "mia_shadow" in result else ""))
+        if "distance" in result:
+            d = result["distance"]
+            print(f"to the reference: weights L2 {d['weights_l2']:.3f} ({d['weights_l2_relative']:.3f} relative), "
+                  f"test agreement {_p(d['test_agreement'])}, KL {d['test_kl']:.4f}")
+    return result
+
+
+def _p(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def cmd_experiment(args) -> dict:
+    from .experiments import run_experiment
+    result = run_experiment(args.name, config=args.config, out=args.out, smoke=args.smoke, keep_runs=args.keep_runs,
+                            quiet=args.json)
+    if not args.json:
+        print(Path(result["report"]).read_text())
+        print(f"wrote {result['out']}/ (report.md, results.json, plots)")
     return result
 
 
@@ -210,8 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--steps", help="steps to undo")
     f.add_argument("--out", required=True, help="output FILE.safetensors")
     f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--method", default="amnesiac", choices=METHOD_NAMES,
+                   help="amnesiac (default: undo the steps), amnesiac-finetune, or a baseline: retrain (from the "
+                   "run's initial weights), finetune (on the retained data), relabel (random wrong labels for the "
+                   "forget set), neggrad (gradient ascent on the forget set); all but amnesiac need the run's data")
     f.add_argument("--finetune-epochs", type=int, default=0,
-                   help="fine-tune epochs on the retained data afterwards (needs the run's data set)")
+                   help="fine-tune epochs on the retained data afterwards (needs the run's data set); with the "
+                   "default method this means amnesiac-finetune")
+    f.add_argument("--epochs", type=int, help="epochs of the baseline (default: retrain as long as the run "
+                   "trained; finetune, relabel: 1; neggrad: 1)")
+    f.add_argument("--lr", type=float, help="neggrad's learning rate (default: the run's)")
     f.add_argument("--device", default="cpu", help="cpu or cuda: where the deltas are summed")
     f.add_argument("--download", action="store_true")
     f.set_defaults(func=cmd_forget)
@@ -220,9 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True)
     e.add_argument("--weights", help="FILE.safetensors from `amnesiac forget` (default: the run's final state)")
     e.add_argument("--forget-classes", help="classes to report apart, e.g. 3")
+    e.add_argument("--forget-samples", help="sample ids that were forgotten (for the forget-set metrics)")
+    e.add_argument("--reference", help="FILE.safetensors to measure the distance to (e.g. `forget --method retrain`)")
+    e.add_argument("--shadows", type=int, default=0,
+                   help="shadow models for the paper's membership inference attack (default 0: only the "
+                   "loss-threshold attack; 4 is a good choice)")
     e.add_argument("--download", action="store_true")
     e.set_defaults(func=cmd_eval)
-    for sp in (d, t, f, e):
+
+    x = sub.add_parser("experiment", help="run one of the paper's experiments and write a report with plots",
+                       description="Run an experiment with every hyper-parameter and seed from a config file and "
+                       "write results.json, report.md and PNG plots into OUT/NAME.")
+    x.add_argument("name", choices=EXPERIMENT_NAMES)
+    x.add_argument("--config", help="JSON or TOML config (default: configs/NAME.json in the repository)")
+    x.add_argument("--out", default="runs/experiments", help="output folder (default runs/experiments)")
+    x.add_argument("--smoke", action="store_true", help="a tiny version (seconds): the config's smoke overrides")
+    x.add_argument("--keep-runs", action="store_true", help="keep the recorded run directories (large)")
+    x.set_defaults(func=cmd_experiment)
+    for sp in (d, t, f, e, x):
         sp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 

@@ -57,6 +57,14 @@ class IndexedDataset(Dataset):
     def only_ids(self, ids) -> IndexedDataset:
         return self.subset(torch.isin(self.ids, torch.as_tensor(np.asarray(ids, np.int64))))
 
+    def sample(self, count: int, seed: int = 0) -> IndexedDataset:
+        """A fixed-seed random subset of ``count`` samples (all of them if there are fewer), in original order."""
+        if count >= len(self):
+            return self
+        keep = torch.zeros(len(self), dtype=torch.bool)
+        keep[torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]] = True
+        return self.subset(keep)
+
     def keep_few_of_class(self, target: int, count: int, seed: int = 0) -> IndexedDataset:
         """Keep only ``count`` samples of class ``target`` (chosen with ``seed``): the paper's setting, where
         few batches hold the class to forget."""
@@ -161,6 +169,18 @@ def bundle_from_spec(spec: dict, *, download: bool = False) -> DataBundle:
     bundle = load_dataset(name, data_dir=spec.get("data_dir"), download=download, seed=spec.get("seed", 0),
                           path=spec.get("path"), size=spec.get("size", 2000),
                           test_fraction=spec.get("test_fraction", 0.2))
+    return apply_reductions(bundle, spec)
+
+
+def apply_reductions(bundle: DataBundle, spec: dict) -> DataBundle:
+    """Apply the reductions a spec records, in a fixed order: ``train_limit`` / ``test_limit`` (fixed-seed random
+    subsets, for reduced runs of slow models), then ``keep_class`` / ``keep_count`` (the paper's few samples of the
+    class to forget)."""
+    seed = spec.get("seed", 0)
+    if spec.get("train_limit"):
+        bundle.train = bundle.train.sample(int(spec["train_limit"]), seed)
+    if spec.get("test_limit"):
+        bundle.test = bundle.test.sample(int(spec["test_limit"]), seed)
     if spec.get("keep_class") is not None:
-        bundle.train = bundle.train.keep_few_of_class(spec["keep_class"], spec["keep_count"], spec.get("seed", 0))
+        bundle.train = bundle.train.keep_few_of_class(spec["keep_class"], spec["keep_count"], seed)
     return bundle

@@ -37,7 +37,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Indexe
           relabel: dict | None = None) -> float:
     """Train for ``epochs`` shuffled epochs; with a ``recorder``, declare each batch's ids and labels first.
 
-    Returns the wall time in seconds.
+    ``relabel`` maps sample ids to the label to train on instead of the true one (the paper's "Unlearning"
+    baseline trains on the forget set with random wrong labels). Returns the wall time in seconds.
     """
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -47,6 +48,10 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Indexe
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=epochs * len(loader), unit="step", desc="training", leave=False)
+    relabel_ids = relabel_to = None
+    if relabel:
+        relabel_ids = torch.as_tensor(sorted(relabel), dtype=torch.long)
+        relabel_to = torch.as_tensor([relabel[int(i)] for i in relabel_ids], dtype=torch.long)
     model.train()
     for epoch in range(epochs):
         if recorder is not None:
@@ -54,6 +59,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Indexe
         for x, y, ids in loader:
             if recorder is not None:
                 recorder.add_batch(ids, labels=y)
+            if relabel_ids is not None:
+                y = _relabelled(y, ids, relabel_ids, relabel_to)
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
@@ -62,6 +69,28 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Indexe
                 bar.update()
     if bar is not None:
         bar.close()
+    return time.perf_counter() - start
+
+
+def _relabelled(y: torch.Tensor, ids: torch.Tensor, relabel_ids: torch.Tensor, relabel_to: torch.Tensor):
+    pos = torch.searchsorted(relabel_ids, ids).clamp_max(len(relabel_ids) - 1)
+    hit = relabel_ids[pos] == ids
+    return torch.where(hit, relabel_to[pos], y)
+
+
+def train_steps_ascent(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: IndexedDataset, *,
+                       epochs: int, batch_size: int = 64, seed: int = 0) -> float:
+    """Gradient *ascent* on the cross-entropy of ``data`` (NegGrad); returns the wall time in seconds."""
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        for x, y, _ids in loader:
+            optimizer.zero_grad(set_to_none=True)
+            (-loss_fn(model(x.to(device)), y.to(device))).backward()
+            optimizer.step()
     return time.perf_counter() - start
 
 
@@ -83,3 +112,8 @@ def accuracy(model: torch.nn.Module, data: IndexedDataset, forget_classes: Seque
         return hit[mask].mean().item() if mask.any() else float("nan")
 
     return {"overall": mean(torch.ones_like(forgotten)), "forgotten": mean(forgotten), "retained": mean(~forgotten)}
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each sample (no reduction)."""
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
