@@ -224,6 +224,12 @@ def report_fraction(res: dict, out: Path) -> str:
                  secs(p["amnesiac_seconds"]), pct(p.get("amnesiac_finetune")), pct(p.get("retrain")),
                  secs(p.get("retrain_seconds")), num(p.get("speedup"), "{:.0f}x")] for p in r["points"]]
         lines += [table(header, rows), ""]
+        small = [p for p in r["points"] if p["fraction"] <= 0.01 and "speedup" in p]
+        if small:
+            ok = all(p["speedup"] >= 100 for p in small)
+            lines += [f"Target (amnesiac >= 100x faster than retraining when <= 1% of batches are undone): "
+                      f"{'met' if ok else 'MISSED'} (" + ", ".join(f"{p['speedup']:.0f}x at {p['fraction']:.2%}"
+                                                             for p in small) + ").", ""]
         png = f"{name}.png"
         plot_fraction(r["points"], out / png, f"{name}: test accuracy vs batches undone")
         lines += [f"![{name}]({png})", ""]

@@ -108,9 +108,12 @@ def batch_fraction(cfg: dict, out: Path, log) -> dict:
         run, record_seconds = train_target(s, bundle, data_spec, out / "runs" / name)
         total = run.num_steps
         base = UnlearnTask.from_run(run, steps=[], bundle=bundle)
-        points = []
+        points, done = [], set()
         for fraction in cfg["fractions"]:
             k = max(1, int(round(fraction * total)))
+            if k in done:  # small runs: several fractions round to the same number of steps
+                continue
+            done.add(k)
             rng = np.random.default_rng(s["seed"] + k)
             steps = np.sort(rng.choice(total, size=k, replace=False)).tolist()
             task = UnlearnTask.from_run(run, steps=steps, bundle=bundle)
