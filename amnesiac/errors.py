@@ -29,3 +29,12 @@ class RecorderError(AmnesiacError, RuntimeError):
 
 class DataError(AmnesiacError, ValueError):
     """A data set cannot be loaded as asked (missing files, no download allowed, bad arrays)."""
+
+
+class ResumeError(AmnesiacError, ValueError):
+    """A run cannot be resumed from the given model, optimizer or checkpoint (it is not the state at a committed
+    step of this run)."""
+
+
+class RunDamagedError(AmnesiacError, ValueError):
+    """A run directory is damaged or malformed in a way the storage layer did not name (its message says what)."""

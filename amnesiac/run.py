@@ -22,16 +22,37 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deltastore import DeltaStore, LayoutMismatchError, StoreNotFoundError
+from deltastore import DeltaStore, DeltaStoreError, LayoutMismatchError, StoreNotFoundError
 from deltastore.reduce import ReduceResult, plan_unlearning, run_plan
 
-from .errors import ModelMismatchError, RunNotFoundError, SelectionError
+from .errors import AmnesiacError, ModelMismatchError, RunDamagedError, RunNotFoundError, SelectionError
+
+_STRAY = (ValueError, IndexError, KeyError, RuntimeError, struct.error, OSError, OverflowError, AttributeError)
+
+
+def _reading(method):
+    """Whatever a damaged or crafted run directory makes the layers below raise reaches the caller as one of our
+    errors: :class:`DeltaStoreError` / :class:`AmnesiacError` pass through, anything else becomes
+    :class:`RunDamagedError` (out-of-memory and interrupts excepted)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (DeltaStoreError, AmnesiacError, torch.OutOfMemoryError):
+            raise
+        except _STRAY as e:
+            raise RunDamagedError(f"{self.path} is damaged or malformed ({type(e).__name__}: {str(e)[:300]}); run "
+                                  f"`deltastore verify {self.path}`") from e
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,11 @@ def open_run(path: str | Path) -> Run:
         return Run(DeltaStore.open(path))
     except StoreNotFoundError as e:
         raise RunNotFoundError(str(e)) from None
+    except (DeltaStoreError, AmnesiacError, torch.OutOfMemoryError):
+        raise
+    except _STRAY as e:
+        raise RunDamagedError(f"{path} is damaged or malformed ({type(e).__name__}: {str(e)[:300]}); run "
+                              f"`deltastore verify {path}`") from e
 
 
 class Run:
@@ -85,25 +111,40 @@ class Run:
     @property
     def spec(self) -> dict:
         """What the Recorder stored about the model and the data (``model_spec``, ``extra``)."""
-        return self.store.attrs.get("amnesiac", {})
+        spec = self.store.attrs.get("amnesiac", {})
+        if not isinstance(spec, dict):
+            raise RunDamagedError(f"{self.path}/store.json: the 'amnesiac' attributes are not a JSON object")
+        return spec
+
+    def refresh(self) -> None:
+        """See the steps a live Recorder committed since this run was opened (a consistent prefix)."""
+        self.store.refresh()
+        self._ledger = None
 
     def _fields(self):
         if self._ledger is None:
-            self._ledger = self.store.metadata()
+            fields = self.store.metadata()
+            for name in ("ids", "labels"):
+                if name in fields and fields[name].values.dtype.kind not in "iu":
+                    raise RunDamagedError(f"{self.path}: the ledger's {name!r} are not integers")
+            self._ledger = fields
         return self._ledger
 
     @property
     def has_labels(self) -> bool:
         return "labels" in self._fields()
 
+    @_reading
     def sample_ids(self) -> np.ndarray:
         """Every sample id recorded, unique and sorted."""
         return np.unique(self._fields()["ids"].values) if "ids" in self._fields() else np.zeros(0, np.int64)
 
+    @_reading
     def samples_of_step(self, step: int) -> np.ndarray:
         self.store.check_steps([step])
         return self._fields()["ids"].of(step)
 
+    @_reading
     def steps_for(self, *, sample_ids=None, classes=None) -> np.ndarray:
         """Sorted int64 steps whose batches held any of ``sample_ids`` (or any sample of ``classes``)."""
         chosen = [name for name, v in (("sample_ids", sample_ids), ("classes", classes)) if v is not None]
@@ -128,6 +169,9 @@ class Run:
                 raise SelectionError("this run recorded no labels, so it cannot select by class; pass labels= "
                                      "to Recorder.add_batch when recording, or select by sample_ids")
             wanted = _int_array(classes, "classes")
+            if not np.array_equal(fields["labels"].offsets, ids.offsets):
+                raise SelectionError("labels were recorded for only some steps of this run, so it cannot select "
+                                     "by class; select by sample_ids")
             labels = fields["labels"].values
             unknown = wanted[~np.isin(wanted, labels)]
             if unknown.size:
@@ -148,6 +192,7 @@ class Run:
                 raise SelectionError(str(e)) from None
         return self.steps_for(sample_ids=sample_ids, classes=classes)
 
+    @_reading
     def unlearn_report(self, *, sample_ids=None, classes=None, steps=None, device: str | torch.device = "cpu",
                        progress: bool = False, **reduce_options) -> UnlearnReport:
         """Like :meth:`unlearn`, with the bookkeeping: steps undone, plan, bytes read, seconds."""
@@ -172,12 +217,14 @@ class Run:
         return self.unlearn_report(sample_ids=sample_ids, classes=classes, steps=steps, device=device,
                                    progress=progress, **reduce_options).state
 
+    @_reading
     def final_state(self) -> dict[str, torch.Tensor]:
         """S_T (for an incomplete run: S_0 plus every committed step)."""
         if self.complete:
             return self.store.read_snapshot("final")
         return self.unlearn(steps=[])
 
+    @_reading
     def start_state(self) -> dict[str, torch.Tensor]:
         return self.store.read_snapshot("start")
 

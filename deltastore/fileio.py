@@ -1,18 +1,26 @@
-"""Small file primitives the commit protocol rests on: atomic replace, fsync, bounded JSON, crc32c."""
+"""Small file primitives the commit protocol rests on: atomic replace, fsync, bounded reads, crc32c.
+
+Everything a reader opens in a run directory goes through :func:`read_regular_file` (or :func:`read_json`), which
+refuses symbolic links, FIFOs and devices (a crafted run directory must not make a reader block on a pipe or read
+``/dev/zero`` forever) and bounds how much it reads.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
+import threading
 from pathlib import Path
 
 from crc32c import crc32c
 
-from .errors import FormatError
+from .errors import CorruptionError, FormatError
 
 MAX_JSON_BYTES = 64 << 20  # a store's JSON files are small; a crafted huge one is refused before it is parsed
 
-__all__ = ["crc32c", "atomic_write_bytes", "atomic_write_json", "read_json", "fsync_path", "fsync_dir"]
+__all__ = ["crc32c", "atomic_write_bytes", "atomic_write_json", "read_json", "read_regular_file", "fsync_path",
+           "fsync_dir", "json_crc32c", "check_tree"]
 
 
 def fsync_path(path: Path) -> None:
@@ -36,33 +44,120 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a torn one."""
+    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a torn one.
+
+    On failure (a full disk) the temporary file is removed and ``path`` keeps its old content.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     if durable:
         fsync_dir(path.parent)
+
+
+def json_crc32c(obj: dict, *, without: str = "crc32c") -> int:
+    """crc32c of the canonical JSON form of ``obj`` minus its ``without`` key: a file's checksum of itself.
+
+    Canonical (sorted keys, no whitespace, ASCII) so that any change of a value, however written, changes it.
+    """
+    body = {k: v for k, v in obj.items() if k != without}
+    return crc32c(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                             allow_nan=True).encode())
 
 
 def atomic_write_json(path: Path, obj: object, *, durable: bool = True) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode(), durable=durable)
 
 
+def read_regular_file(path: Path, what: str, *, max_bytes: int, expected_size: int | None = None) -> bytes:
+    """The whole content of a regular file, refusing links, pipes, devices and files over ``max_bytes``.
+
+    Raises FileNotFoundError when absent (callers decide what absence means), :class:`FormatError` for a file that
+    is not a plain file or too large, :class:`CorruptionError` when ``expected_size`` is given and differs.
+    """
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # ELOOP: the name is a symbolic link; others: unreadable
+        raise FormatError(f"{what} ({path}) cannot be opened as a plain file: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{what} ({path}) is not a regular file; a run directory holds only plain files")
+        if st.st_size > max_bytes:
+            raise FormatError(f"{what} ({path}) is {st.st_size} bytes, more than the {max_bytes} allowed")
+        if expected_size is not None and st.st_size != expected_size:
+            raise CorruptionError(f"{what} ({path}) is {st.st_size} bytes, {expected_size} were written: the file "
+                                  "was truncated or changed")
+        chunks, left = [], st.st_size
+        while left > 0:
+            part = os.read(fd, min(left, 64 << 20))
+            if not part:
+                break
+            chunks.append(part)
+            left -= len(part)
+        data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    if len(data) != st.st_size:
+        raise CorruptionError(f"{what} ({path}) changed size while it was read")
+    return data
+
+
 def read_json(path: Path, what: str) -> dict:
     """Read a JSON object written by us; size-bounded, and any malformation becomes :class:`FormatError`."""
     path = Path(path)
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise FormatError(f"{what} ({path}) is {size} bytes, more than the {MAX_JSON_BYTES} allowed")
+    data = read_regular_file(path, what, max_bytes=MAX_JSON_BYTES)
     try:
-        obj = json.loads(path.read_bytes())
+        obj = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{what} ({path}) is not valid JSON: {e}") from None
+    except RecursionError:
+        raise FormatError(f"{what} ({path}) nests too deeply") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{what} ({path}) must hold a JSON object")
     return obj
+
+
+def check_tree(root: Path, *, max_entries: int = 50_000_000) -> None:
+    """Refuse a directory tree holding anything but plain files and directories.
+
+    A symbolic link could point a reader outside the run directory (or at ``/dev/zero``); a FIFO would block it
+    forever. The walk uses directory entry types only, so it costs little even for a long run's many shard files.
+    """
+    root = Path(root)
+    stack, seen = [str(root)], 0
+    while stack:
+        top = stack.pop()
+        try:
+            entries = os.scandir(top)
+        except OSError as e:
+            raise FormatError(f"{top} cannot be listed: {e.strerror or e}") from None
+        with entries:
+            for entry in entries:
+                seen += 1
+                if seen > max_entries:
+                    raise FormatError(f"{root} holds more than {max_entries} entries")
+                if entry.is_symlink():
+                    raise FormatError(f"{entry.path} is a symbolic link; a run directory must not point outside "
+                                      "itself (copy the file in instead)")
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif not entry.is_file(follow_symlinks=False):
+                    raise FormatError(f"{entry.path} is not a regular file or directory (a pipe, socket or device "
+                                      "has no place in a run directory)")

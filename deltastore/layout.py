@@ -33,6 +33,11 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 MAX_TENSORS = 1_000_000  # bounds what a crafted layout file can make us allocate
 MAX_NUMEL = 1 << 40
+MAX_NAME_CHARS = 4096
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -129,20 +134,23 @@ class TensorLayout:
         """Parse and validate a layout read from disk; anything malformed raises :class:`FormatError`."""
         if not isinstance(data, list) or len(data) > MAX_TENSORS:
             raise FormatError("layout must be a list of at most %d tensor entries" % MAX_TENSORS)
-        entries, expected_offset = [], 0
+        entries, expected_offset, names = [], 0, set()
         for i, item in enumerate(data):
             try:
                 name, shape, dtype, offset = item["name"], item["shape"], item["dtype"], item["offset"]
-                ok = (isinstance(name, str) and isinstance(shape, list) and len(shape) <= 16
-                      and all(isinstance(s, int) and 0 <= s < MAX_NUMEL for s in shape)
-                      and dtype in _DTYPES and offset == expected_offset)
+                ok = (isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS and name not in names
+                      and isinstance(shape, list) and len(shape) <= 16
+                      and all(_is_int(s) and 0 <= s < MAX_NUMEL for s in shape)
+                      and isinstance(dtype, str) and dtype in _DTYPES and _is_int(offset)
+                      and offset == expected_offset)
             except (TypeError, KeyError):
                 ok = False
             if not ok:
-                raise FormatError(f"layout entry {i} is malformed or out of order: {str(item)[:200]}")
+                raise FormatError(f"layout entry {i} is malformed, duplicated or out of order: {str(item)[:200]}")
             entry = TensorEntry(name, tuple(shape), dtype, offset)
             expected_offset += entry.numel
             if expected_offset > MAX_NUMEL:
                 raise FormatError("layout describes more than 2**40 elements")
             entries.append(entry)
+            names.add(name)
         return cls(tuple(entries))

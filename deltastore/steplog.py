@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +69,15 @@ def encode_record(step: int, fields: dict[str, np.ndarray]) -> bytes:
 
 
 def _decode_payload(payload: memoryview, step: int) -> dict[str, np.ndarray]:
+    # a record passed its crc32c, so only a crafted file reaches a malformed payload: still one clear error
+    if len(payload) < 2:
+        raise FormatError(f"step log record of step {step} is too short")
     (count,), pos, out = struct.unpack_from("<H", payload, 0), 2, {}
     if count > MAX_FIELDS:
         raise FormatError(f"step log record of step {step} claims {count} fields")
     for _ in range(count):
+        if pos + _FIELD.size > len(payload):
+            raise FormatError(f"step log record of step {step} has a malformed field")
         code, raw_name, n = _FIELD.unpack_from(payload, pos)
         pos += _FIELD.size
         dtype = _DTYPES.get(code)
@@ -84,17 +90,40 @@ def _decode_payload(payload: memoryview, step: int) -> dict[str, np.ndarray]:
     return out
 
 
-def read_step_log(path: Path, *, committed_bytes: int, num_steps: int) -> dict[str, RaggedField]:
-    """Read the committed records and return every field as a :class:`RaggedField` over ``num_steps`` steps."""
+def _read_committed(path: Path, committed_bytes: int) -> bytes:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        with open(path, "rb") as f:
-            data = f.read(committed_bytes)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         data = b""
+    except OSError as e:
+        raise FormatError(f"the step log {path} cannot be opened as a plain file: {e.strerror or e}") from None
+    else:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"the step log {path} is not a regular file")
+            # the commit file may name fewer bytes than the log holds (a torn record after a crash), never more
+            want, parts = min(committed_bytes, st.st_size), []
+            while want > 0:
+                part = os.read(fd, min(want, 64 << 20))
+                if not part:
+                    break
+                parts.append(part)
+                want -= len(part)
+            data = b"".join(parts)
+        finally:
+            os.close(fd)
     if len(data) != committed_bytes:
         raise CorruptionError(f"the step log {path} holds {len(data)} bytes, the commit file says "
                               f"{committed_bytes}: it was truncated. The steps past the truncation are lost.")
-    view, pos, records = memoryview(data), 0, []
+    return data
+
+
+def _records(path: Path, committed_bytes: int, num_steps: int):
+    """Yield ``(step, payload view, end offset)`` for each committed record, checking headers and crc32c."""
+    data = _read_committed(path, committed_bytes)
+    view, pos = memoryview(data), 0
     for step in range(num_steps):
         if pos + _HEADER.size > len(data):
             raise CorruptionError(f"the step log ends before step {step}'s record")
@@ -105,10 +134,20 @@ def read_step_log(path: Path, *, committed_bytes: int, num_steps: int) -> dict[s
         payload = view[pos:pos + size]
         if crc32c(payload) != crc:
             raise CorruptionError(f"the step log record of step {step} fails its crc32c checksum")
-        records.append(_decode_payload(payload, step))
         pos += size
+        yield step, payload, pos
     if pos != len(data):
         raise CorruptionError(f"the step log has {len(data) - pos} bytes after the last committed record")
+
+
+def record_ends(path: Path, *, committed_bytes: int, num_steps: int) -> list[int]:
+    """Byte offset just past each committed record (checked): where the log ends if cut after step ``i``."""
+    return [end for _, _, end in _records(path, committed_bytes, num_steps)]
+
+
+def read_step_log(path: Path, *, committed_bytes: int, num_steps: int) -> dict[str, RaggedField]:
+    """Read the committed records and return every field as a :class:`RaggedField` over ``num_steps`` steps."""
+    records = [_decode_payload(payload, step) for step, payload, _ in _records(path, committed_bytes, num_steps)]
     return _to_ragged(records)
 
 
@@ -138,12 +177,26 @@ class StepLogWriter:
 
     def append(self, step: int, fields: dict[str, np.ndarray]) -> int:
         record = encode_record(step, fields)
-        self._f.write(record)
-        self._f.flush()
-        if self.durable:
-            os.fsync(self._f.fileno())
+        try:
+            self._f.write(record)
+            self._f.flush()
+            if self.durable:
+                os.fsync(self._f.fileno())
+        except BaseException:
+            self.rollback(self.end)  # a record half-written on a full disk must not sit before the next one
+            raise
         self.end += len(record)
         return self.end
+
+    def rollback(self, end: int) -> None:
+        """Cut the log back to ``end`` bytes (the committed length): the next record is written there."""
+        try:
+            self._f.seek(end)
+            self._f.truncate(end)
+            self._f.flush()
+        except (OSError, ValueError):
+            pass  # best effort: the commit file still names the committed length, so readers stay correct
+        self.end = end
 
     def close(self) -> None:
         self._f.close()

@@ -1,9 +1,11 @@
 """The delta store: numbered steps of one flat float32 vector, plus whole-state snapshots and per-step metadata.
 
-Directory layout (format version 1)::
+Directory layout (format version 2; version 1, without the self-checksums, is still read)::
 
-    store.json          written once: format, layout, codec, chunk size, backend, crc32c of start.safetensors
-    commit.json         replaced atomically after each step: committed steps, committed step-log bytes, status
+    store.json          written once: format, layout, codec, chunk size, backend, crc32c and size of
+                        start.safetensors, crc32c of each backend metadata file, and its own crc32c
+    commit.json         replaced atomically after each step: committed steps, committed step-log bytes, status,
+                        crc32c and size of final/residual, and its own crc32c
     start.safetensors   S_0: every tensor given at creation (floating or not)
     final.safetensors   S_T, written by finalize()
     residual.safetensors  lossy codecs only: the error-feedback residual left at finalize()
@@ -14,6 +16,11 @@ Directory layout (format version 1)::
 Commit protocol for step ``t``: write the step's streams whole (fsync), append its step-log record (fsync), then
 replace ``commit.json`` (temp file, fsync, rename). A crash before the rename leaves step ``t`` invisible; after it,
 step ``t`` and its metadata are both there. Readers only ever look at what ``commit.json`` says is committed.
+
+Integrity: every byte a reader uses is covered by a checksum (see docs/reliability.md): store.json and commit.json
+carry their own crc32c, snapshots theirs (in those files), step-log records theirs, and the backend checks its
+chunks. Opening refuses symbolic links and special files anywhere in the directory and bounds every size by the
+files actually present, so a crafted directory gets one :class:`DeltaStoreError`, never a hang or a huge allocation.
 
 Example:
     >>> import tempfile, torch
@@ -35,8 +42,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -46,14 +55,20 @@ import torch
 
 from .backends import backend_class, directory_bytes
 from .codecs import Codec, parse_codec
-from .errors import (CorruptionError, FormatError, ReadOnlyError, StepSelectionError, StoreExistsError,
-                     StoreNotFoundError)
-from .fileio import atomic_write_json, crc32c, fsync_dir, read_json
+from .errors import (CorruptionError, DeltaStoreError, FormatError, LayoutMismatchError, ReadOnlyError,
+                     StepSelectionError, StoreExistsError, StoreNotFoundError)
+from .fileio import (atomic_write_bytes, atomic_write_json, check_tree, crc32c, json_crc32c, read_json,
+                     read_regular_file)
 from .layout import TensorLayout
 from .lock import WriterLock
-from .steplog import RaggedField, StepLogWriter, read_step_log
+from .steplog import _HEADER as _LOG_HEADER
+from .steplog import RaggedField, StepLogWriter, read_step_log, record_ends
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAX_SNAPSHOT_BYTES = 1 << 40
+MAX_SAFETENSORS_HEADER = 100_000_000  # what the safetensors library itself accepts
+_MIN_RECORD_BYTES = _LOG_HEADER.size + 2  # header plus the field count: bounds the steps a log of n bytes can hold
 DEFAULT_CHUNK_ELEMS = 1 << 20  # 4 MiB of float32 per chunk
 RECORDING, COMPLETE = "recording", "complete"
 
@@ -62,20 +77,38 @@ class DeltaStore:
     """A delta store opened for reading (:meth:`open`) or writing (:meth:`create`, :meth:`open` with
     ``writable=True`` to resume)."""
 
-    def __init__(self, path: Path, meta: dict, commit: dict, *, writable: bool):
+    def __init__(self, path: Path, meta: dict, commit: dict, *, writable: bool, lock: WriterLock | None = None):
         self.path, self.meta, self._commit = Path(path), meta, commit
         self.layout = TensorLayout.from_json(meta["layout"])
         self.codec: Codec = parse_codec(meta["codec"], numel=self.layout.numel, chunk_elems=meta["chunk_elems"])
-        self.backend = backend_class(meta["backend"])(self.path / "deltas", self.codec.streams(),
-                                                      durable=meta["durable"])
+        _check_start_fits(self.path, meta, self.layout)
+        _check_backend_meta(self.path, meta, commit, self.codec.streams())
         self.writable = writable
-        self._lock = WriterLock(self.path) if writable else None
+        self._lock = (lock or WriterLock(self.path)) if writable else None
         self._log: StepLogWriter | None = None
         self._table: dict[str, RaggedField] | None = None
-        if writable:
+        if writable and not self._lock.held:
             self._lock.acquire()
-            self._log = StepLogWriter(self.path / "steps.log", committed_bytes=commit["log_bytes"],
-                                      durable=meta["durable"])
+        try:
+            self.backend = self._open_backend()
+            if writable:
+                self._log = StepLogWriter(self.path / "steps.log", committed_bytes=commit["log_bytes"],
+                                          durable=meta["durable"])
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _open_backend(self):
+        try:
+            backend = backend_class(self.meta["backend"])(self.path / "deltas", self.codec.streams(),
+                                                          durable=self.meta["durable"])
+        except DeltaStoreError:
+            raise
+        except Exception as e:  # zarr reports malformed array metadata with assorted built-in errors
+            raise FormatError(f"{self.path}/deltas cannot be opened ({type(e).__name__}: {str(e)[:300]})") from None
+        _name_read_errors(backend, self)
+        return backend
 
     # ---------------------------------------------------------------- creation and opening
     @classmethod
@@ -99,20 +132,24 @@ class DeltaStore:
         lock = WriterLock(path)
         lock.acquire()
         try:
-            start_crc = _save_snapshot(path / "start.safetensors", start)
+            start_crc, start_bytes = _save_snapshot(path / "start.safetensors", start)
             backend_cls.create(path / "deltas", parsed.streams(), durable=durable)
             meta = {"format": "deltastore", "version": FORMAT_VERSION, "layout": layout.to_json(),
                     "codec": parsed.name, "chunk_elems": chunk_elems, "backend": backend, "durable": durable,
-                    "start_crc32c": start_crc, "created": time.time(), "attrs": attrs or {}}
-            atomic_write_json(path / "store.json", meta, durable=durable)
-            commit = {"steps": 0, "log_bytes": 0, "status": RECORDING}
+                    "start_crc32c": start_crc, "start_bytes": start_bytes, "created": time.time(),
+                    "uid": uuid.uuid4().hex, "attrs": attrs or {},
+                    "backend_meta_crc32c": _backend_meta_crcs(path / "deltas", parsed.streams(), backend)}
+            meta["crc32c"] = json_crc32c(meta)
+            commit = _sealed({"steps": 0, "log_bytes": 0, "status": RECORDING})
             atomic_write_json(path / "commit.json", commit, durable=durable)
+            # store.json last: its presence is what makes the directory a store, so a crash during creation
+            # leaves a directory that is plainly not a run (never one missing its commit file)
+            atomic_write_json(path / "store.json", meta, durable=durable)
         except BaseException:
             lock.release()
             shutil.rmtree(path, ignore_errors=True)
             raise
-        lock.release()
-        return cls(path, meta, commit, writable=True)
+        return cls(path, meta, commit, writable=True, lock=lock)
 
     @classmethod
     def open(cls, path: str | Path, *, writable: bool = False) -> DeltaStore:
@@ -122,9 +159,10 @@ class DeltaStore:
             hint = " (it does not exist)" if not path.exists() else ""
             raise StoreNotFoundError(f"{path} is not a delta store or run directory{hint}: store.json is missing. "
                                      "Pass the directory given to the Recorder or to `amnesiac train --run`.")
+        check_tree(path)
         meta = read_json(path / "store.json", "store metadata")
         _check_meta(meta, path)
-        store = cls(path, meta, _read_commit(path), writable=writable)
+        store = cls(path, meta, _read_commit(path, meta), writable=writable)
         if writable and store.complete:
             store.close()
             raise ReadOnlyError(f"{path} holds a complete run; it cannot be recorded into again")
@@ -132,7 +170,33 @@ class DeltaStore:
 
     def refresh(self) -> None:
         """Re-read the commit file (a reader following a live writer sees the newest committed prefix)."""
-        self._commit, self._table = _read_commit(self.path), None
+        commit = _read_commit(self.path, self.meta)
+        if commit["steps"] != self.num_steps:
+            _check_backend_meta(self.path, self.meta, commit, self.codec.streams())
+            self.backend = self._open_backend()  # the writer may have grown the arrays since they were opened
+        self._commit, self._table = commit, None
+
+    @property
+    def uid(self) -> str:
+        """A random id given at creation (version 1 stores: their creation time), to tell runs apart."""
+        return str(self.meta.get("uid", self.meta.get("created")))
+
+    def truncate(self, steps: int) -> None:
+        """Forget the committed steps from ``steps`` on (a writer resuming from a checkpoint taken at ``steps``).
+
+        The commit file is replaced first, so a crash here leaves either the old or the shorter run, both sound.
+        """
+        if not self.writable:
+            raise ReadOnlyError(f"{self.path} was opened for reading")
+        if not 0 <= steps <= self.num_steps:
+            raise StepSelectionError(f"cannot cut the store to {steps} steps: it has {self.num_steps}")
+        if steps == self.num_steps:
+            return
+        ends = record_ends(self.path / "steps.log", committed_bytes=self._commit["log_bytes"],
+                           num_steps=self.num_steps)
+        log_bytes = ends[steps - 1] if steps else 0
+        self._write_commit(_sealed({"steps": steps, "log_bytes": log_bytes, "status": RECORDING}))
+        self._log.rollback(log_bytes)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -164,9 +228,14 @@ class DeltaStore:
         if any(k.startswith("_") for k in fields):
             raise FormatError("metadata names starting with '_' are reserved for the store")
         fields.update({f"_{k}": np.asarray(v, np.float32) for k, v in side.items()})
-        fields.update(self.backend.write_step(step, dict(streams)))
-        log_bytes = self._log.append(step, fields)
-        self._write_commit({**self._commit, "steps": step + 1, "log_bytes": log_bytes})
+        try:
+            fields.update(self.backend.write_step(step, dict(streams)))
+            log_bytes = self._log.append(step, fields)
+            self._write_commit(_sealed({**self._commit, "steps": step + 1, "log_bytes": log_bytes}))
+        except BaseException:
+            # nothing of this step is committed; the log is cut back so that a retry writes a clean record
+            self._log.rollback(self._commit["log_bytes"])
+            raise
         return step
 
     def append_delta(self, delta: torch.Tensor, metadata: Mapping[str, np.ndarray | torch.Tensor] | None = None,
@@ -182,17 +251,18 @@ class DeltaStore:
         if not self.writable:
             raise ReadOnlyError(f"{self.path} was opened for reading")
         self.layout.check(final)
-        commit = {**self._commit, "status": COMPLETE, "final_crc32c": _save_snapshot(self.path / "final.safetensors",
-                                                                                       final)}
+        final_crc, final_bytes = _save_snapshot(self.path / "final.safetensors", final)
+        commit = {**self._commit, "status": COMPLETE, "final_crc32c": final_crc, "final_bytes": final_bytes}
         final_flat = self.layout.flatten({k: v.detach().cpu() for k, v in final.items()})
         moved = (final_flat - self.read_snapshot_flat("start")).norm().item()
         if residual is not None:
             residual = residual.detach().float().cpu()
-            commit["residual_crc32c"] = _save_snapshot(self.path / "residual.safetensors", {"residual": residual})
+            commit["residual_crc32c"], commit["residual_bytes"] = _save_snapshot(self.path / "residual.safetensors",
+                                                                                {"residual": residual})
             commit["codec_error"] = residual.norm().item() / moved if moved > 0 else 0.0
         else:
             commit["codec_error"] = 0.0
-        self._write_commit(commit)
+        self._write_commit(_sealed(commit))
 
     def _write_commit(self, commit: dict) -> None:
         atomic_write_json(self.path / "commit.json", commit, durable=self.meta["durable"])
@@ -226,34 +296,51 @@ class DeltaStore:
 
     def side_arrays(self, step: int) -> dict[str, np.ndarray]:
         """The store-internal per-step arrays (codec scales, backend checksums) of ``step``, without the '_'."""
-        return {k[1:]: v.of(step) for k, v in self._step_table().items() if k.startswith("_")}
+        side = {k[1:]: v.of(step) for k, v in self._step_table().items() if k.startswith("_")}
+        for name, length in self.codec.side_arrays().items():
+            arr = side.get(name)
+            if arr is None or arr.size != length or arr.dtype != np.float32 or not np.isfinite(arr).all():
+                raise CorruptionError(f"step {step}: the codec's {name!r} values in the step log are missing or "
+                                      f"malformed; the step cannot be decoded")
+        return side
 
     def read_snapshot(self, which: str) -> dict[str, torch.Tensor]:
         """Load ``start``, ``final`` or ``residual`` after checking its crc32c."""
-        key = {"start": None, "final": "final_crc32c", "residual": "residual_crc32c"}[which]
-        expected = self.meta["start_crc32c"] if key is None else self._commit.get(key)
+        key = {"start": None, "final": "final", "residual": "residual"}[which]
+        source = self.meta if key is None else self._commit
+        expected = source.get(f"{which}_crc32c")
         if expected is None:
             raise StoreNotFoundError(f"{self.path} has no {which} state"
                                      + (" yet: the run was not closed (complete)" if which == "final" else ""))
         path = self.path / f"{which}.safetensors"
         try:
-            data = path.read_bytes()
+            data = read_regular_file(path, f"the {which} state", max_bytes=MAX_SNAPSHOT_BYTES,
+                                     expected_size=source.get(f"{which}_bytes"))
         except FileNotFoundError:
             raise CorruptionError(f"{path} is missing") from None
         if crc32c(data) != expected:
             raise CorruptionError(f"{path} fails its crc32c checksum: the file was changed or damaged")
+        if len(data) < 8 or int.from_bytes(data[:8], "little") > min(len(data) - 8, MAX_SAFETENSORS_HEADER):
+            raise FormatError(f"{path} has a malformed safetensors header")
         try:
-            return safetensors.torch.load(data)
+            tensors = safetensors.torch.load(data)
         except Exception as e:  # a crc-valid but malformed file: only possible if crafted
             raise FormatError(f"{path} is not a valid safetensors file: {e}") from None
+        if which == "residual" and (set(tensors) != {"residual"} or tensors["residual"].numel() != self.layout.numel
+                                    or not tensors["residual"].is_floating_point()):
+            raise FormatError(f"{path} does not hold one residual vector of {self.layout.numel} elements")
+        return tensors
 
     def read_snapshot_flat(self, which: str, device: str | torch.device = "cpu") -> torch.Tensor:
         if which == "residual":
             if not self.codec.lossy:  # an exact codec leaves nothing behind
                 return torch.zeros(self.layout.numel, device=device)
-            return self.read_snapshot("residual")["residual"].to(device)
+            return self.read_snapshot("residual")["residual"].float().to(device)
         tensors = self.read_snapshot(which)
-        self.layout.check(tensors)
+        try:
+            self.layout.check(tensors)
+        except LayoutMismatchError as e:
+            raise CorruptionError(f"{self.path}/{which}.safetensors does not match the store's layout: {e}") from None
         return self.layout.flatten(tensors, out=torch.empty(self.layout.numel, device=device))
 
     def read_step(self, step: int, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -285,6 +372,20 @@ class DeltaStore:
         return run_plan(self, plan_unlearning(self, self.check_steps(steps)), device=torch.device(device),
                         **reduce_options).total
 
+    def describe_range(self, step: int, spec, lo: int, hi: int, message: str = "") -> str:
+        """``step S, tensors ...`` for stream elements ``[lo, hi)`` (narrowed to the chunk ``message`` names)."""
+        per = max(1, spec.per_chunk)
+        c0, c1 = lo // per, max(lo // per + 1, -(-hi // per))
+        named = re.search(r"chunk (\d+)", message)
+        if named and c0 <= int(named.group(1)) < c1:
+            c0 = int(named.group(1))
+            c1 = c0 + 1
+        ce, n = self.codec.chunk_elems, self.layout.numel
+        names = self.layout.tensors_in(c0 * ce, min(c1 * ce, n))
+        shown = ", ".join(repr(x) for x in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        chunks = f"data chunk {c0}" if c1 == c0 + 1 else f"data chunks {c0}..{c1 - 1}"
+        return f"step {step}, tensor{'s' if len(names) != 1 else ''} {shown or '(none)'} ({chunks}, stream {spec.name!r})"
+
     # ---------------------------------------------------------------- reporting
     def info(self) -> dict:
         bytes_on_disk = directory_bytes(self.path)
@@ -297,6 +398,11 @@ class DeltaStore:
                 "raw_fp32_bytes": raw, "ratio": (delta_bytes / raw) if raw else math.nan,
                 "codec_error": self._commit.get("codec_error"), "attrs": self.attrs}
 
+    @property
+    def commit_record(self) -> dict:
+        """A copy of the commit file's content (steps, log bytes, status, snapshot checksums, codec error)."""
+        return dict(self._commit)
+
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
@@ -305,39 +411,165 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _save_snapshot(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
-    """Save tensors with safetensors (no pickle) and return the file's crc32c."""
+def _save_snapshot(path: Path, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """Save tensors with safetensors (no pickle), atomically and durably; return the file's crc32c and size."""
     data = safetensors.torch.save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(path.parent)
-    return crc32c(data)
+    atomic_write_bytes(path, data, durable=True)
+    return crc32c(data), len(data)
+
+
+def _sealed(commit: dict) -> dict:
+    """The commit record with its own crc32c (computed over every other field)."""
+    body = {k: v for k, v in commit.items() if k != "crc32c"}
+    body["crc32c"] = json_crc32c(body)
+    return body
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_meta(meta: dict, path: Path) -> None:
-    if meta.get("format") != "deltastore" or not isinstance(meta.get("version"), int):
+    if meta.get("format") != "deltastore" or not _is_int(meta.get("version")):
         raise FormatError(f"{path}/store.json is not a deltastore metadata file")
-    if meta["version"] > FORMAT_VERSION:
-        raise FormatError(f"{path} was written in format version {meta['version']}; this deltastore reads up to "
-                          f"{FORMAT_VERSION}. Upgrade the package to read it.")
+    if meta["version"] not in READABLE_VERSIONS:
+        newer = meta["version"] > FORMAT_VERSION
+        raise FormatError(f"{path} was written in format version {meta['version']}; this deltastore reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}."
+                          + (" Upgrade the package to read it." if newer else ""))
+    if meta["version"] >= 2:
+        if not _is_int(meta.get("crc32c")) or json_crc32c(meta) != meta["crc32c"]:
+            raise CorruptionError(f"{path}/store.json fails its crc32c checksum: the file was changed or damaged")
     required = {"layout": list, "codec": str, "chunk_elems": int, "backend": str, "durable": bool,
                 "start_crc32c": int, "attrs": dict}
+    if meta["version"] >= 2:
+        required.update({"start_bytes": int, "uid": str, "backend_meta_crc32c": dict})
     for key, kind in required.items():
-        if not isinstance(meta.get(key), kind):
+        value = meta.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise FormatError(f"{path}/store.json: field {key!r} is missing or not a {kind.__name__}")
     if not 1 <= meta["chunk_elems"] <= 1 << 28:
         raise FormatError(f"{path}/store.json: chunk_elems out of range")
+    if not all(isinstance(k, str) and _is_int(v) for k, v in meta.get("backend_meta_crc32c", {}).items()):
+        raise FormatError(f"{path}/store.json: field 'backend_meta_crc32c' is malformed")
 
 
-def _read_commit(path: Path) -> dict:
+_COMMIT_INTS = ("final_crc32c", "final_bytes", "residual_crc32c", "residual_bytes")
+
+
+def _read_commit(path: Path, meta: dict) -> dict:
     try:
         commit = read_json(path / "commit.json", "commit file")
     except FileNotFoundError:
         raise CorruptionError(f"{path}/commit.json is missing: the store cannot tell which steps are committed") from None
-    ok = (isinstance(commit.get("steps"), int) and commit["steps"] >= 0 and isinstance(commit.get("log_bytes"), int)
-          and commit["log_bytes"] >= 0 and commit.get("status") in (RECORDING, COMPLETE))
+    if "crc32c" in commit or meta.get("version", 1) >= 2:
+        if not _is_int(commit.get("crc32c")) or json_crc32c(commit) != commit["crc32c"]:
+            raise CorruptionError(f"{path}/commit.json fails its crc32c checksum: the file was changed or damaged")
+    ok = (_is_int(commit.get("steps")) and commit["steps"] >= 0 and _is_int(commit.get("log_bytes"))
+          and commit["log_bytes"] >= 0 and commit.get("status") in (RECORDING, COMPLETE)
+          and all(_is_int(commit[k]) and commit[k] >= 0 for k in _COMMIT_INTS if k in commit)
+          and (commit.get("codec_error") is None or (isinstance(commit["codec_error"], (int, float))
+                                                     and not isinstance(commit["codec_error"], bool)))
+          and (commit["status"] != COMPLETE or "final_crc32c" in commit))
     if not ok:
         raise FormatError(f"{path}/commit.json is malformed")
+    # the log must hold the committed bytes, and a committed record takes at least a header: so a crafted step
+    # count can never make a reader allocate per step more than the files on disk justify
+    log = path / "steps.log"
+    try:
+        log_size = os.stat(log, follow_symlinks=False).st_size
+    except FileNotFoundError:
+        log_size = 0
+    if commit["log_bytes"] > log_size:
+        raise CorruptionError(f"the step log {log} holds {log_size} bytes, the commit file says {commit['log_bytes']}"
+                              ": it was truncated. The steps past the truncation are lost.")
+    if commit["steps"] * _MIN_RECORD_BYTES > commit["log_bytes"]:
+        raise CorruptionError(f"{path}/commit.json claims {commit['steps']} steps in {commit['log_bytes']} bytes of "
+                              "step log, more than it can hold")
     return commit
+
+
+def _zarr_meta_digest(meta: dict) -> int:
+    """crc32c of a Zarr array's metadata without its capacity (shape[0], which grows): what never changes."""
+    normal = dict(meta)
+    shape = normal.get("shape")
+    if isinstance(shape, list) and shape:
+        normal["shape"] = [None] + shape[1:]
+    return json_crc32c({"zarr": normal})
+
+
+def _backend_meta_crcs(root: Path, streams, backend: str) -> dict[str, int]:
+    if backend != "zarr":
+        return {}
+    return {s.name: _zarr_meta_digest(read_json(root / s.name / "zarr.json", "zarr array metadata")) for s in streams}
+
+
+def _check_backend_meta(path: Path, meta: dict, commit: dict, streams) -> None:
+    """Check the backend's own metadata files against store.json before the backend parses them."""
+    if meta["backend"] != "zarr":
+        return
+    expected = meta.get("backend_meta_crc32c")
+    if expected is not None and set(expected) != {s.name for s in streams}:
+        raise FormatError(f"{path}/store.json lists backend metadata for {sorted(expected)}, the codec has streams "
+                          f"{sorted(s.name for s in streams)}")
+    for s in streams:
+        file = path / "deltas" / s.name / "zarr.json"
+        try:
+            zmeta = read_json(file, "zarr array metadata")
+        except FileNotFoundError:
+            raise CorruptionError(f"{file} is missing: the steps of stream {s.name!r} cannot be read") from None
+        if expected is not None and _zarr_meta_digest(zmeta) != expected[s.name]:
+            raise CorruptionError(f"{file} fails its crc32c checksum (kept in store.json): the array description "
+                                  "was changed or damaged")
+        shape = zmeta.get("shape")
+        if (zmeta.get("zarr_format") != 3 or zmeta.get("node_type") != "array" or not isinstance(shape, list)
+                or len(shape) != 2 or not all(_is_int(n) for n in shape) or shape[1] != s.length
+                or zmeta.get("data_type") != s.dtype):
+            raise FormatError(f"{file} does not describe a ({s.length},)-element {s.dtype} array per step")
+        if shape[0] < commit["steps"]:
+            raise CorruptionError(f"{file} says the array holds {shape[0]} steps, the commit file "
+                                  f"{commit['steps']}: the array description was damaged")
+
+
+def _check_start_fits(path: Path, meta: dict, layout: TensorLayout) -> None:
+    """The start state holds every floating tensor: so the layout cannot describe more bytes than it has."""
+    size = meta.get("start_bytes")
+    if size is None:
+        try:
+            size = os.stat(path / "start.safetensors", follow_symlinks=False).st_size
+        except FileNotFoundError:
+            size = 0
+    needed = sum(e.numel * torch.empty(0, dtype=_TORCH_DTYPES[e.dtype]).element_size() for e in layout.entries)
+    if needed > size:
+        raise FormatError(f"{path}/store.json describes {layout.numel} elements, more than start.safetensors "
+                          f"({size} bytes) can hold")
+
+
+_TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}
+
+
+def _name_read_errors(backend, store: DeltaStore) -> None:
+    """Make every failed read of stored data say which step and which tensors it concerns.
+
+    Backends know streams and chunks; only the store knows the layout. A wrapper on the instance (so the backend's
+    type, and any fast path keyed on it, stays as it is).
+    """
+    inner = backend.read_range
+    specs = {s.name: s for s in store.codec.streams()}
+
+    def read_range(step, stream, lo, hi, side, **options):
+        try:
+            data = inner(step, stream, lo, hi, side, **options)
+        except TypeError:
+            raise
+        except Exception as e:
+            raise CorruptionError(f"{store.describe_range(step, specs[stream], lo, hi, str(e))}: "
+                                  f"{type(e).__name__ if not isinstance(e, DeltaStoreError) else 'damaged'}: {e}. "
+                                  f"Run `deltastore verify {store.path}` for the full list.") from None
+        if getattr(data, "size", hi - lo) != hi - lo:
+            raise CorruptionError(f"{store.describe_range(step, specs[stream], lo, hi, '')}: the data file holds "
+                                  f"{data.size} elements where {hi - lo} were written")
+        return data
+
+    backend.read_range = read_range
