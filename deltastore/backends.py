@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,11 +183,15 @@ class _ShardFormat:
             dst = dst[:need]
         where = f"step {step} (stream {stream!r})"
         try:
-            fd = os.open(path, os.O_RDONLY)
+            # never follow a link planted in a run directory, never block on a FIFO posing as a shard
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             raise CorruptionError(f"the data file of {where} is missing: {path}") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptionError(f"the data file of {where} is not a regular file: {path}")
+            size = st.st_size
             index_bytes = self.per_shard * 16 + 4
             if size < index_bytes:
                 raise CorruptionError(f"the data file of {where} is truncated ({size} bytes)")
