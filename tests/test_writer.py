@@ -230,7 +230,7 @@ def test_cuda_copies_are_never_torn(codec):
     for t in range(60):
         writer.wait_copy_done()  # as the Recorder does before overwriting its delta buffer
         torch.cuda._sleep(200_000)  # delay the work the copy depends on, so a race would show
-        torch.randn(numel, generator=g, device="cuda", out=delta)
+        delta.normal_(generator=g)
         streams, side = enc.encode(delta)
         expected.append(({k: v.cpu().clone() for k, v in streams.items()}, {k: v.cpu().clone() for k, v in side.items()}))
         writer.submit(streams, side, {"ids": np.array([t])})
