@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import UnknownCodecError
+from .errors import CorruptionError, UnknownCodecError
 
 CODEC_NAMES = ("fp32", "fp16", "bf16", "topk:F")
 _FP16_TARGET = 32768.0  # a chunk's largest |value| maps here: headroom below fp16's 65504, far above its underflow
@@ -113,6 +113,9 @@ class Codec:
             k = self.k_per_chunk
             vals = _as_tensor(streams["values"], dev).float().view(c1 - c0, k) * scale.unsqueeze(1)
             idx = torch.cumsum(_as_tensor(streams["indices"], dev).view(c1 - c0, k).long(), dim=1)
+            # checksums stop accidents, not forgers: indices outside their chunk must not reach index_add_
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= c):
+                raise CorruptionError(f"top-k indices of chunks {c0}..{c1 - 1} fall outside their chunk")
             idx += (torch.arange(c1 - c0, device=dev) * c).unsqueeze(1)
             idx, vals = idx.reshape(-1), vals.reshape(-1)
             keep = idx < acc.numel()  # the last chunk's padding never holds a real value

@@ -41,7 +41,10 @@ class AsyncStepWriter:
         if pin and not torch.cuda.is_available():
             raise DeltaStoreError("pinned host memory needs a CUDA build with a GPU; pass pin=False")
         step_bytes = codec.stored_bytes_per_step() + 4 * sum(codec.side_arrays().values())
-        n_slots = slots if slots is not None else min(8, max(2, max_buffer_bytes // max(1, step_bytes)))
+        # on a GPU more slots absorb bursts while copies overlap compute; on the CPU the copy is synchronous and the
+        # trainer was measured never to wait with 3 (benchmarks/RECORD.md), so more would only hold memory
+        most = 8 if self._cuda else 3
+        n_slots = slots if slots is not None else min(most, max(2, max_buffer_bytes // max(1, step_bytes)))
         if n_slots < 1:
             raise ValueError("slots must be at least 1")
         self.num_slots, self.slot_bytes = n_slots, step_bytes

@@ -122,3 +122,18 @@ def test_reduce_memory_options_give_the_same_sum(tmp_path):
     a = store.sum_steps(range(20))
     b = store.sum_steps(range(20), block_bytes=4000, max_inflight_bytes=8000, workers=3)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_topk_indices_outside_their_chunk_are_refused():
+    """A crafted step whose checksums were recomputed must not scatter outside its chunk."""
+    from deltastore import CorruptionError, parse_codec
+    codec = parse_codec("topk:0.5", numel=8, chunk_elems=4)
+    acc = torch.zeros(8)
+    side = {"scale": np.ones(2, np.float32)}
+    values = np.ones(4, np.float16)
+    good = np.array([0, 3, 1, 1], np.int32)  # chunk 0: 0, 3; chunk 1: 1, 2
+    codec.accumulate(acc, 0, 2, {"values": values, "indices": good}, side)
+    assert acc.tolist() == [1, 0, 0, 1, 0, 1, 1, 0]
+    for bad in ([0, 4, 0, 1], [-1, 1, 0, 1]):  # past the chunk's end; negative
+        with pytest.raises(CorruptionError, match="outside their chunk"):
+            codec.accumulate(acc, 0, 2, {"values": values, "indices": np.array(bad, np.int32)}, side)
