@@ -21,6 +21,7 @@ import json
 import os
 import stat
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class ZarrBackend:
         self.root, self.streams, self.durable = Path(root), {s.name: s for s in streams}, durable
         self.arrays = {name: self._open(name) for name in self.streams}
         self._shards = {name: _ShardFormat.from_metadata(self.root / name, spec) for name, spec in self.streams.items()}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltastore-compress")
 
     def _open(self, name: str):
         # an all-zero step (a frozen model, lr 0) must still leave its shard file: with zarr's default
@@ -95,10 +97,22 @@ class ZarrBackend:
     def write_step(self, step: int, streams: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._grow(step + 1)
         for name, data in streams.items():
-            self.arrays[name][step, :] = data
+            fmt, path = self._shards[name], self._shard_path(name, step)
+            if fmt is not None and fmt.blosc is not None:
+                # the shard file zarr would write, encoded and written by us: zarr's per-call machinery cost more
+                # than compressing a small model's step (benchmarks/RECORD.md); tests check zarr reads it back
+                shard = fmt.encode(data, self._pool)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(shard)
+                    if self.durable:
+                        f.flush()
+                        os.fsync(f.fileno())
+            else:
+                self.arrays[name][step, :] = data
+                if self.durable:
+                    fsync_path(path)
             if self.durable:
-                path = self._shard_path(name, step)
-                fsync_path(path)
                 fsync_dir(path.parent)
         return {}
 
@@ -127,6 +141,7 @@ class ZarrBackend:
         return (-(-hi // fmt.inner) - lo // fmt.inner) * fmt.inner
 
 
+_SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 _EMPTY = np.uint64(2 ** 64 - 1)  # zarr's shard index marks an absent inner chunk with (2**64-1, 2**64-1)
 _scratch = threading.local()
 
@@ -145,6 +160,7 @@ class _ShardFormat:
     dtype: np.dtype
     compressor: str  # "blosc", "zstd" or "" (stored raw)
     fill: float
+    blosc: tuple | None = None  # (cname, clevel, shuffle, blocksize) when compressor == "blosc": what encode uses
 
     @classmethod
     def from_metadata(cls, array_dir: Path, spec: StreamSpec) -> _ShardFormat | None:
@@ -166,10 +182,40 @@ class _ShardFormat:
                           for c in conf["codecs"] + conf["index_codecs"] if c["name"] == "bytes"))
             if not ok:
                 return None
+            blosc = None
+            if codecs[1:-1] == ["blosc"]:
+                b = conf["codecs"][1]["configuration"]
+                blosc = (str(b["cname"]), int(b["clevel"]), _SHUFFLES[b["shuffle"]], int(b.get("blocksize", 0)))
             return cls(inner_shape[1], shard_shape[1] // inner_shape[1], dtype, "".join(codecs[1:-1]),
-                       float(meta.get("fill_value") or 0))
+                       float(meta.get("fill_value") or 0), blosc)
         except (KeyError, TypeError, ValueError, IndexError, OSError):
             return None
+
+    def encode(self, data: np.ndarray, pool: ThreadPoolExecutor | None) -> bytes:
+        """One step's row as the shard file zarr would write: every inner chunk ``blosc`` + crc32c, then the index.
+
+        Only used for blosc arrays (ours); chunks are compressed on ``pool`` (blosc releases the GIL). The last
+        inner chunk is padded with the fill value, as zarr pads it.
+        """
+        row = np.ascontiguousarray(data, dtype=self.dtype).reshape(-1)
+        padded = self.per_shard * self.inner
+        if row.size != padded:
+            row = np.concatenate([row, np.full(padded - row.size, self.fill, self.dtype)])
+        cname, clevel, shuffle, blocksize = self.blosc
+        chunks = [row[i * self.inner:(i + 1) * self.inner] for i in range(self.per_shard)]
+
+        def encode_chunk(chunk: np.ndarray) -> bytes:
+            body = _blosc.compress(chunk, cname.encode(), clevel, shuffle, blocksize)
+            return body + crc32c(body).to_bytes(4, "little")
+
+        parts = list(pool.map(encode_chunk, chunks)) if pool is not None and len(chunks) > 1 else \
+            [encode_chunk(c) for c in chunks]
+        index, offset = np.empty((self.per_shard, 2), "<u8"), 0
+        for i, part in enumerate(parts):
+            index[i] = offset, len(part)
+            offset += len(part)
+        raw_index = index.tobytes()
+        return b"".join(parts) + raw_index + crc32c(raw_index).to_bytes(4, "little")
 
     def read(self, path: Path, step: int, stream: str, lo: int, hi: int, out: np.ndarray | None) -> np.ndarray:
         first, last = lo // self.inner, -(-hi // self.inner)

@@ -126,6 +126,9 @@ class DeltaStore:
             raise StoreExistsError(f"{path} already holds {what}; choose a new directory or delete it first "
                                    "(nothing was written)")
         layout = TensorLayout.from_tensors(start)
+        # a chunk never spans more than the vector: zarr pads the last inner chunk to full size, and a small model
+        # padded to 2**20 elements would compress and write mostly zeros every step
+        chunk_elems = max(1, min(chunk_elems, layout.numel))
         parsed = parse_codec(codec, numel=layout.numel, chunk_elems=chunk_elems)  # raises before any write
         backend_cls = backend_class(backend)
         path.mkdir(parents=True, exist_ok=True)
