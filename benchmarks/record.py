@@ -44,6 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model  # noqa: E402
+from deltastore.backends import directory_bytes  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist10k.npz"
 CODECS = ("fp32", "fp16", "bf16", "topk:0.01")
@@ -54,14 +58,7 @@ TARGETS_DISK = {"fp32": 0.70, "fp16": 0.36, "bf16": 0.40, "topk:0.01": 0.02}
 # ---------------------------------------------------------------------------------------------- machine, memory
 def machine_info(workdir: Path) -> dict:
     import torch
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     # nothing here may run a tensor operation or touch CUDA: children are forked from this process
     info = {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version(),
@@ -239,7 +236,7 @@ class Peer:
         pass
 
     def disk_bytes(self) -> int:
-        return _dir_bytes(self.dir)
+        return directory_bytes(self.dir)
 
     def memory_bytes(self) -> int:
         return sum(v.numel() * v.element_size() for d in self.kept for v in d.values())
@@ -264,7 +261,7 @@ class Ours:
         self.rec.flush()
 
     def disk_bytes(self) -> int:
-        return _dir_bytes(self.dir / "deltas")
+        return directory_bytes(self.dir / "deltas")
 
     def memory_bytes(self) -> int:
         return 0
@@ -294,17 +291,6 @@ class NoRecording:
 
     def close(self):
         pass
-
-
-def _dir_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(dirpath, f)).st_size
-            except FileNotFoundError:
-                pass
-    return total
 
 
 def _sync_device(device) -> None:
@@ -479,7 +465,7 @@ def writer_throughput(w: Workload, codec: str, steps: int, workdir: Path, device
         writer.submit(streams, side, {"ids": np.zeros(64, np.int64)})
     writer.close()
     seconds = time.perf_counter() - t0
-    disk = _dir_bytes(store.path / "deltas")
+    disk = directory_bytes(store.path / "deltas")
     store.close()
     shutil.rmtree(store.path, ignore_errors=True)
     return {"steps": steps, "seconds": seconds, "stored_MBps": disk / seconds / 1e6,

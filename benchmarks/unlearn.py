@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model  # noqa: E402
+
 SIZES = {"resnet18": 11_173_962, "resnet50": 25_557_032}  # floating state_dict elements
 EPOCHS = 10
 CIFAR_TRAIN = 50_000
@@ -35,14 +38,7 @@ CIFAR_TRAIN = 50_000
 
 # ---------------------------------------------------------------- machine and page cache
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = 0
     try:
         mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024

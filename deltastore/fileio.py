@@ -19,7 +19,7 @@ from .errors import CorruptionError, FormatError
 
 MAX_JSON_BYTES = 64 << 20  # a store's JSON files are small; a crafted huge one is refused before it is parsed
 
-__all__ = ["crc32c", "atomic_write_bytes", "atomic_write_json", "read_json", "read_regular_file", "fsync_path",
+__all__ = ["crc32c", "atomic_write_bytes", "atomic_write_json", "read_json", "read_regular_file", "read_upto", "fsync_path",
            "fsync_dir", "json_crc32c", "check_tree"]
 
 
@@ -81,6 +81,18 @@ def atomic_write_json(path: Path, obj: object, *, durable: bool = True) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode(), durable=durable)
 
 
+def read_upto(fd: int, size: int) -> bytes:
+    """Read ``size`` bytes from ``fd`` (fewer only if the file ends first), in pieces of at most 64 MiB."""
+    parts, left = [], size
+    while left > 0:
+        part = os.read(fd, min(left, 64 << 20))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
 def read_regular_file(path: Path, what: str, *, max_bytes: int, expected_size: int | None = None) -> bytes:
     """The whole content of a regular file, refusing links, pipes, devices and files over ``max_bytes``.
 
@@ -104,14 +116,7 @@ def read_regular_file(path: Path, what: str, *, max_bytes: int, expected_size: i
         if expected_size is not None and st.st_size != expected_size:
             raise CorruptionError(f"{what} ({path}) is {st.st_size} bytes, {expected_size} were written: the file "
                                   "was truncated or changed")
-        chunks, left = [], st.st_size
-        while left > 0:
-            part = os.read(fd, min(left, 64 << 20))
-            if not part:
-                break
-            chunks.append(part)
-            left -= len(part)
-        data = b"".join(chunks)
+        data = read_upto(fd, st.st_size)
     finally:
         os.close(fd)
     if len(data) != st.st_size:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CorruptionError, FormatError
-from .fileio import crc32c
+from .fileio import crc32c, read_upto
 
 _MAGIC = b"DSTP"
 _HEADER = struct.Struct("<4sQII")  # magic, step, payload bytes, crc32c(payload)
@@ -104,14 +104,7 @@ def _read_committed(path: Path, committed_bytes: int) -> bytes:
             if not stat.S_ISREG(st.st_mode):
                 raise FormatError(f"the step log {path} is not a regular file")
             # the commit file may name fewer bytes than the log holds (a torn record after a crash), never more
-            want, parts = min(committed_bytes, st.st_size), []
-            while want > 0:
-                part = os.read(fd, min(want, 64 << 20))
-                if not part:
-                    break
-                parts.append(part)
-                want -= len(part)
-            data = b"".join(parts)
+            data = read_upto(fd, min(committed_bytes, st.st_size))
         finally:
             os.close(fd)
     if len(data) != committed_bytes:
