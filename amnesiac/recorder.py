@@ -165,6 +165,7 @@ class Recorder:
             raise RecorderError("the Recorder is closed")
         if self._ids or self._labels:
             raise RecorderError("take checkpoints between steps: add_batch was called for a step not taken yet")
+        self._record_trailing_change()
         self._writer.flush()
         store = self.store
         step, log_bytes = store.num_steps, store.commit_record["log_bytes"]
@@ -197,17 +198,24 @@ class Recorder:
         """
         if self._closed:
             raise RecorderError("the Recorder is closed")
+        # everything is checked before anything is kept: a rejected call leaves the step as it was
         ids = _as_int64(ids, "sample ids")
-        self._ids.append(ids)
         if labels is not None:
             labels = _as_int64(labels, "labels")
             if labels.size != ids.size:
                 raise RecorderError(f"{ids.size} ids but {labels.size} labels were given")
+        if (labels is not None) != bool(self._labels) and self._ids:
+            raise RecorderError("labels were given for some batches of this step but not for others; give them "
+                                "for every batch (or for none)")
+        self._ids.append(ids)
+        if labels is not None:
             self._labels.append(labels)
-        elif self._labels:
-            raise RecorderError("labels were given for some batches of this step but not for others")
 
     def _on_step(self, optimizer, args, kwargs) -> None:
+        self._record_step()
+
+    def _record_step(self) -> None:
+        """Record ``S_now - S_prev`` as the next step, with the ids declared since the previous one."""
         state = self.model.state_dict()
         self._writer.wait_copy_done()  # the delta buffer is still being copied out for the previous step
         with torch.no_grad():
@@ -217,12 +225,33 @@ class Recorder:
                 torch.sub(now, prev, out=self._delta[e.offset:e.offset + e.numel])
                 prev.copy_(now)
             streams, side = self._encoder.encode(self._delta)
+        metadata = self._step_metadata()
+        self._ids, self._labels = [], []
+        self._writer.submit(streams, side, metadata)
+
+    def _step_metadata(self) -> dict[str, np.ndarray]:
         metadata = {"ids": np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64),
                     "epoch": np.array([self.epoch], np.int64)}
         if self._labels:
             metadata["labels"] = np.concatenate(self._labels)
+        return metadata
+
+    def _record_trailing_change(self) -> None:
+        """Record, as one last step without samples, any change since the last optimizer step (BatchNorm statistics
+        updated by a forward pass in training mode after it, say), so that theta_0 + sum(deltas) stays theta_final
+        and both unlearning plans keep agreeing. Ids declared for a step that never came are not recorded."""
+        if self._writer.failed:
+            return
+        state = self.model.state_dict()
+        now = self.layout.flatten(state, out=torch.empty_like(self._prev))
+        if torch.equal(now, self._prev):
+            return
         self._ids, self._labels = [], []
-        self._writer.submit(streams, side, metadata)
+        self._writer.wait_copy_done()
+        with torch.no_grad():
+            streams, side = self._encoder.encode(torch.sub(now, self._prev, out=self._delta))
+        self._prev.copy_(now)
+        self._writer.submit(streams, side, self._step_metadata())
 
     def flush(self) -> None:
         """Wait until every recorded step is committed; raises a background write error, if any."""
@@ -240,6 +269,11 @@ class Recorder:
         self._hook.remove()
         try:
             already_told = self._writer.failed and getattr(self._writer, "_error_raised", True)
+            if finalize and not self._writer.failed:
+                try:
+                    self._record_trailing_change()  # written by the writer's close below
+                except WriterError:
+                    pass  # the writer failed meanwhile: its close below raises the error
             try:
                 self._writer.close()
             except WriterError:

@@ -5,13 +5,13 @@ See :class:`deltastore.DeltaStore` for the format and call order, :mod:`deltasto
 """
 
 from .codecs import CODEC_NAMES, Codec, parse_codec
-from .errors import (CorruptionError, DeltaStoreError, FormatError, LayoutMismatchError, ReadOnlyError,
-                     StepSelectionError, StoreExistsError, StoreLockedError, StoreNotFoundError, UnknownCodecError,
-                     WriterError)
+from .errors import (CorruptionError, DeltaStoreError, FormatError, InvalidArgumentError, LayoutMismatchError,
+                     ReadOnlyError, StepSelectionError, StoreExistsError, StoreLockedError, StoreNotFoundError,
+                     UnknownCodecError, WriterError)
 from .layout import TensorLayout
 from .store import DeltaStore
 
 __all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "FormatError",
-           "LayoutMismatchError", "ReadOnlyError", "StepSelectionError", "StoreExistsError", "StoreLockedError",
-           "StoreNotFoundError", "TensorLayout", "UnknownCodecError", "WriterError", "parse_codec"]
+           "InvalidArgumentError", "LayoutMismatchError", "ReadOnlyError", "StepSelectionError", "StoreExistsError",
+           "StoreLockedError", "StoreNotFoundError", "TensorLayout", "UnknownCodecError", "WriterError", "parse_codec"]
 __version__ = "0.1.0"

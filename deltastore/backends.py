@@ -102,7 +102,10 @@ class ZarrBackend:
                 # the shard file zarr would write, encoded and written by us: zarr's per-call machinery cost more
                 # than compressing a small model's step (benchmarks/RECORD.md); tests check zarr reads it back
                 shard = fmt.encode(data, self._pool)
+                new_dir = not path.parent.exists()
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if new_dir and self.durable:
+                    fsync_dir(path.parent.parent)  # the new c/<step>/ entry itself must survive a power loss
                 with open(path, "wb") as f:
                     f.write(shard)
                     if self.durable:
@@ -326,7 +329,8 @@ class SafetensorsBackend:
         spec, path = self.streams[stream], self._path(step)
         try:
             with safe_open(str(path), framework="numpy") as f:
-                data = f.get_slice(stream)[lo:hi]
+                # safetensors refuses the slice [0:0] of an empty tensor (a model with no floating tensors)
+                data = f.get_slice(stream)[lo:hi] if hi > lo else np.zeros(0, spec.dtype)
         except FileNotFoundError:
             raise CorruptionError(f"the data file of step {step} is missing: {path}") from None
         except Exception as e:  # safetensors raises its own error types for damaged headers and short files

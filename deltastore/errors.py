@@ -50,3 +50,7 @@ class WriterError(DeltaStoreError, RuntimeError):
 
 class ReadOnlyError(DeltaStoreError, PermissionError):
     """A write was attempted on a store opened for reading."""
+
+
+class InvalidArgumentError(DeltaStoreError, ValueError):
+    """An argument is out of its range (the message gives the range)."""

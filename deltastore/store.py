@@ -55,8 +55,8 @@ import torch
 
 from .backends import backend_class, directory_bytes
 from .codecs import Codec, parse_codec
-from .errors import (CorruptionError, DeltaStoreError, FormatError, LayoutMismatchError, ReadOnlyError,
-                     StepSelectionError, StoreExistsError, StoreNotFoundError)
+from .errors import (CorruptionError, DeltaStoreError, FormatError, InvalidArgumentError, LayoutMismatchError,
+                     ReadOnlyError, StepSelectionError, StoreExistsError, StoreNotFoundError)
 from .fileio import (atomic_write_bytes, atomic_write_json, check_tree, crc32c, json_crc32c, read_json,
                      read_regular_file)
 from .layout import TensorLayout
@@ -70,6 +70,7 @@ MAX_SNAPSHOT_BYTES = 1 << 40
 MAX_SAFETENSORS_HEADER = 100_000_000  # what the safetensors library itself accepts
 _MIN_RECORD_BYTES = _LOG_HEADER.size + 2  # header plus the field count: bounds the steps a log of n bytes can hold
 DEFAULT_CHUNK_ELEMS = 1 << 20  # 4 MiB of float32 per chunk
+MAX_CHUNK_ELEMS = 1 << 28  # what create accepts is exactly what open accepts
 RECORDING, COMPLETE = "recording", "complete"
 
 
@@ -128,6 +129,9 @@ class DeltaStore:
         layout = TensorLayout.from_tensors(start)
         # a chunk never spans more than the vector: zarr pads the last inner chunk to full size, and a small model
         # padded to 2**20 elements would compress and write mostly zeros every step
+        if type(chunk_elems) is not int or not 1 <= chunk_elems <= MAX_CHUNK_ELEMS:
+            raise InvalidArgumentError(f"chunk_elems must be an integer from 1 to {MAX_CHUNK_ELEMS}, not "
+                                       f"{chunk_elems!r} (nothing was written)")
         chunk_elems = max(1, min(chunk_elems, layout.numel))
         parsed = parse_codec(codec, numel=layout.numel, chunk_elems=chunk_elems)  # raises before any write
         backend_cls = backend_class(backend)
@@ -451,7 +455,7 @@ def _check_meta(meta: dict, path: Path) -> None:
         value = meta.get(key)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise FormatError(f"{path}/store.json: field {key!r} is missing or not a {kind.__name__}")
-    if not 1 <= meta["chunk_elems"] <= 1 << 28:
+    if not 1 <= meta["chunk_elems"] <= MAX_CHUNK_ELEMS:
         raise FormatError(f"{path}/store.json: chunk_elems out of range")
     if not all(isinstance(k, str) and _is_int(v) for k, v in meta.get("backend_meta_crc32c", {}).items()):
         raise FormatError(f"{path}/store.json: field 'backend_meta_crc32c' is malformed")

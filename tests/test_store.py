@@ -158,3 +158,23 @@ def test_shards_we_write_are_read_back_by_zarr_itself(tmp_path, codec):
 def test_small_models_get_one_chunk_of_their_own_size(tmp_path):
     store = make_store(tmp_path, numel=5000, chunk=1 << 20)
     assert store.codec.chunk_elems == 5000 and store.codec.num_chunks == 1
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1 << 29, 2.5, True])
+def test_chunk_sizes_that_open_would_refuse_are_refused_at_creation(tmp_path, bad):
+    from deltastore import InvalidArgumentError
+    with pytest.raises(InvalidArgumentError, match="chunk_elems"):
+        DeltaStore.create(tmp_path / "s", {"w": torch.zeros(10)}, chunk_elems=bad, durable=False)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("backend", ["zarr", "safetensors"])
+def test_a_model_without_floating_tensors_records_empty_steps(tmp_path, backend):
+    store = DeltaStore.create(tmp_path / "s", {"n": torch.tensor(3)}, backend=backend, durable=False)
+    store.append_delta(torch.zeros(0), {"ids": torch.tensor([1])})
+    store.finalize({"n": torch.tensor(4)})
+    store.close()
+    store = DeltaStore.open(tmp_path / "s")
+    assert store.read_step(0).numel() == 0 and store.metadata()["ids"].of(0).tolist() == [1]
+    from deltastore.verify import verify_store
+    assert verify_store(store)["ok"]

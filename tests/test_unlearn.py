@@ -150,3 +150,55 @@ def test_unlabelled_run_refuses_class_selection(tmp_path):
         run.steps_for(classes=[0])
     assert run.steps_for(sample_ids=[2]).tolist() == [0]
     assert np.array_equal(run.sample_ids(), [1, 2])
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16"])
+def test_a_change_after_the_last_step_is_recorded_so_both_plans_agree(tmp_path, bn_model, codec):
+    """A forward pass in training mode after the last optimizer step moves BatchNorm's running statistics: that
+    change must land in a (sample-free) trailing step, or theta_0 + sum(deltas) != theta_final."""
+    from deltastore.verify import verify_store
+    opt = torch.optim.SGD(bn_model.parameters(), lr=0.1)
+    x = torch.randn(8, 1, 8, 8)
+    with amnesiac.Recorder(bn_model, opt, tmp_path / "run", codec=codec, durable=False) as rec:
+        for t in range(6):
+            rec.add_batch([t])
+            opt.zero_grad()
+            bn_model(x).sum().backward()
+            opt.step()
+        with torch.no_grad():
+            bn_model(x + 5)  # training mode: the running statistics move, no optimizer step
+    run = amnesiac.open_run(tmp_path / "run")
+    assert run.num_steps == 7 and run.samples_of_step(6).size == 0
+    assert verify_store(run.store)["ok"]
+    # both plans give S_T - sum(selected): undoing every step (start plan) gives S_0 (+ a lossy codec's residual),
+    # undoing none (final plan) gives S_T
+    layout = run.store.layout
+    everything = run.unlearn_report(steps=list(range(run.num_steps)))
+    assert everything.plan == "start-plus-others"
+    expected_start = run.store.read_snapshot_flat("start") + run.store.read_snapshot_flat("residual")
+    assert torch.allclose(layout.flatten(everything.state), expected_start, atol=1e-5)
+    nothing = run.unlearn_report(steps=[])
+    assert nothing.plan == "final-minus-selected"
+    assert torch.allclose(layout.flatten(nothing.state), run.store.read_snapshot_flat("final"), atol=1e-6)
+
+
+def test_add_batch_rejects_mixed_labels_without_keeping_the_rejected_call(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with amnesiac.Recorder(model, opt, tmp_path / "run", durable=False) as rec:
+        rec.add_batch([1, 2], labels=[0, 1])
+        with pytest.raises(amnesiac.RecorderError, match="for every batch"):
+            rec.add_batch([3])  # labelled then unlabelled
+        with pytest.raises(amnesiac.RecorderError, match="2 ids but 1 labels"):
+            rec.add_batch([4, 5], labels=[1])
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        rec.add_batch([6])
+        with pytest.raises(amnesiac.RecorderError, match="for every batch"):
+            rec.add_batch([7], labels=[0])  # unlabelled then labelled
+        rec.add_batch([8])
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+    run = amnesiac.open_run(tmp_path / "run")
+    assert run.samples_of_step(0).tolist() == [1, 2]  # the rejected calls left nothing behind
+    assert run.samples_of_step(1).tolist() == [6, 8]
