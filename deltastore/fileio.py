@@ -20,8 +20,7 @@ from .errors import CorruptionError, FormatError
 MAX_JSON_BYTES = 64 << 20  # a store's JSON files are small; a crafted huge one is refused before it is parsed
 
 __all__ = ["crc32c", "atomic_write_bytes", "atomic_write_json", "read_json", "read_regular_file", "read_upto",
-           "fsync_path",
-           "fsync_dir", "json_crc32c", "check_tree"]
+           "fsync_path", "fsync_dir", "json_crc32c", "check_tree"]
 
 
 def fsync_path(path: Path) -> None:
