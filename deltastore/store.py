@@ -71,6 +71,7 @@ MAX_SAFETENSORS_HEADER = 100_000_000  # what the safetensors library itself acce
 _MIN_RECORD_BYTES = _LOG_HEADER.size + 2  # header plus the field count: bounds the steps a log of n bytes can hold
 DEFAULT_CHUNK_ELEMS = 1 << 20  # 4 MiB of float32 per chunk
 MAX_CHUNK_ELEMS = 1 << 28  # what create accepts is exactly what open accepts
+MIN_PADDED_CHUNK = 1 << 17
 RECORDING, COMPLETE = "recording", "complete"
 
 
@@ -127,12 +128,14 @@ class DeltaStore:
             raise StoreExistsError(f"{path} already holds {what}; choose a new directory or delete it first "
                                    "(nothing was written)")
         layout = TensorLayout.from_tensors(start)
-        # a chunk never spans more than the vector: zarr pads the last inner chunk to full size, and a small model
-        # padded to 2**20 elements would compress and write mostly zeros every step
         if type(chunk_elems) is not int or not 1 <= chunk_elems <= MAX_CHUNK_ELEMS:
             raise InvalidArgumentError(f"chunk_elems must be an integer from 1 to {MAX_CHUNK_ELEMS}, not "
                                        f"{chunk_elems!r} (nothing was written)")
-        chunk_elems = max(1, min(chunk_elems, layout.numel))
+        # a small model's vector is not padded to 2**20 elements (that compressed 4 MiB, mostly zeros, every step),
+        # but to at least 2**17: then each byte plane of blosc's shuffle fills its own 128 KiB zstd block, and
+        # exponent bytes never share an entropy table with mantissa noise (0.65 -> 0.59 of raw fp32 on the digits
+        # MLP, benchmarks/README.md)
+        chunk_elems = min(chunk_elems, max(layout.numel, MIN_PADDED_CHUNK))
         parsed = parse_codec(codec, numel=layout.numel, chunk_elems=chunk_elems)  # raises before any write
         backend_cls = backend_class(backend)
         path.mkdir(parents=True, exist_ok=True)

@@ -155,9 +155,12 @@ def test_shards_we_write_are_read_back_by_zarr_itself(tmp_path, codec):
             assert np.array_equal(arr[step, :], ours)
 
 
-def test_small_models_get_one_chunk_of_their_own_size(tmp_path):
+def test_small_models_get_one_chunk_smaller_than_the_default(tmp_path):
     store = make_store(tmp_path, numel=5000, chunk=1 << 20)
-    assert store.codec.chunk_elems == 5000 and store.codec.num_chunks == 1
+    assert store.codec.chunk_elems == 1 << 17 and store.codec.num_chunks == 1  # padded to 2**17, not 2**20
+    store = make_store(tmp_path, numel=300_000, chunk=1 << 20, name="t")
+    assert store.codec.chunk_elems == 300_000 and store.codec.num_chunks == 1
+    assert make_store(tmp_path, numel=5000, chunk=1024, name="u").codec.chunk_elems == 1024  # asked for: kept
 
 
 @pytest.mark.parametrize("bad", [0, -5, 1 << 29, 2.5, True])
