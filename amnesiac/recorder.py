@@ -34,7 +34,6 @@ from the last one; the steps committed after it are dropped and recorded again, 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

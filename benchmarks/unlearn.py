@@ -129,7 +129,7 @@ def generate(path: Path, numel: int, steps: int, codec: str, backend: str, pool:
     t0 = time.perf_counter()
     with DeltaStore.create(path, start, codec=codec, backend=backend, durable=False) as store:
         encoder = store.codec.encoder(torch.device("cpu"))
-        encoded, total = [], torch.zeros(numel)
+        encoded = []
         for k in range(pool):
             streams, side = encoder.encode(adam_like(numel, k))
             to_np = lambda t: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().copy()

@@ -3,7 +3,6 @@ always see a consistent prefix of committed steps."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

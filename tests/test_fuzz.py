@@ -104,7 +104,7 @@ def reseal(run: Path) -> None:
         if f.is_file() and not f.is_symlink() and f"{name}_crc32c" in holder:
             data = f.read_bytes()
             holder[f"{name}_crc32c"], holder[f"{name}_bytes"] = crc32c(data), len(data)
-    from deltastore.store import _zarr_meta_digest
+    from deltastore.validation import _zarr_meta_digest
     if isinstance(meta.get("backend_meta_crc32c"), dict):
         for stream in list(meta["backend_meta_crc32c"]):
             try:
