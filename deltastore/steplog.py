@@ -68,11 +68,12 @@ def encode_record(step: int, fields: dict[str, np.ndarray]) -> bytes:
     return _HEADER.pack(_MAGIC, step, len(payload), crc32c(payload)) + payload
 
 
-def _decode_payload(payload: memoryview, step: int) -> dict[str, np.ndarray]:
+def _field_spans(payload: memoryview, step: int):
+    """Yield ``(name, dtype, byte offset, count)`` for each field of a record's payload, validating as it goes."""
     # a record passed its crc32c, so only a crafted file reaches a malformed payload: still one clear error
     if len(payload) < 2:
         raise FormatError(f"step log record of step {step} is too short")
-    (count,), pos, out = struct.unpack_from("<H", payload, 0), 2, {}
+    (count,), pos = struct.unpack_from("<H", payload, 0), 2
     if count > MAX_FIELDS:
         raise FormatError(f"step log record of step {step} claims {count} fields")
     for _ in range(count):
@@ -83,11 +84,10 @@ def _decode_payload(payload: memoryview, step: int) -> dict[str, np.ndarray]:
         dtype = _DTYPES.get(code)
         if dtype is None or pos + n * dtype.itemsize > len(payload):
             raise FormatError(f"step log record of step {step} has a malformed field")
-        out[raw_name.rstrip(b"\0").decode("utf-8", "replace")] = np.frombuffer(payload, dtype, n, pos)
+        yield raw_name.rstrip(b"\0").decode("utf-8", "replace"), dtype, pos, n
         pos += n * dtype.itemsize
     if pos != len(payload):
         raise FormatError(f"step log record of step {step} has {len(payload) - pos} trailing bytes")
-    return out
 
 
 def _read_committed(path: Path, committed_bytes: int) -> bytes:
@@ -140,20 +140,26 @@ def record_ends(path: Path, *, committed_bytes: int, num_steps: int) -> list[int
 
 def read_step_log(path: Path, *, committed_bytes: int, num_steps: int) -> dict[str, RaggedField]:
     """Read the committed records and return every field as a :class:`RaggedField` over ``num_steps`` steps."""
-    records = [_decode_payload(payload, step) for step, payload, _ in _records(path, committed_bytes, num_steps)]
-    return _to_ragged(records)
-
-
-def _to_ragged(records: list[dict[str, np.ndarray]]) -> dict[str, RaggedField]:
-    names = sorted({name for r in records for name in r})
+    # each field's bytes are gathered as slices and joined once: no array per field per record (the parse is
+    # the fixed cost of opening a run, so it is kept to a few microseconds per step)
+    fields: dict[str, tuple[np.dtype, list, np.ndarray]] = {}
+    for step, payload, _ in _records(path, committed_bytes, num_steps):
+        seen = set()
+        for name, dtype, pos, n in _field_spans(payload, step):
+            entry = fields.get(name)
+            if entry is None:
+                entry = fields[name] = (dtype, [], np.zeros(num_steps, np.int64))
+            if name in seen or entry[0] != dtype:
+                raise FormatError(f"step log record of step {step}: field {name!r} repeated or of another dtype")
+            seen.add(name)
+            entry[1].append(payload[pos:pos + n * dtype.itemsize])
+            entry[2][step] = n
     table = {}
-    for name in names:
-        parts = [r.get(name, np.zeros(0, np.int64)) for r in records]
-        offsets = np.zeros(len(parts) + 1, np.int64)
-        np.cumsum([p.size for p in parts], out=offsets[1:])
-        dtype = next(r[name].dtype for r in records if name in r)
-        values = np.concatenate([p.astype(dtype, copy=False) for p in parts])
-        table[name] = RaggedField(values, offsets)
+    for name in sorted(fields):
+        dtype, parts, counts = fields[name]
+        offsets = np.zeros(num_steps + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        table[name] = RaggedField(np.frombuffer(b"".join(parts), dtype).copy(), offsets)
     return table
 
 
