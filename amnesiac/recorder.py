@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import safetensors
 import safetensors.torch
+from safetensors.torch import load as safetensors_from_bytes  # never pickle: plain tensors only
 import torch
 
 from deltastore import (DeltaStore, LayoutMismatchError, ReadOnlyError, StoreExistsError, StoreNotFoundError,
@@ -337,28 +338,20 @@ def _jsonable(value, where: str):
 
 def _optimizer_to_tensors(optimizer: torch.optim.Optimizer, tensors: dict) -> dict:
     """Split the optimizer's state_dict into tensors (added to ``tensors``) and a JSON description."""
-    sd = optimizer.state_dict()
-    state = {}
-    for pid, entry in sd["state"].items():
-        plain = {}
+    def split(entry: dict, prefix: str, where: str) -> dict:
+        out = {}
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim/{pid}/{key}"] = value
-                plain[key] = {"tensor": f"optim/{pid}/{key}"}
+                tensors[f"{prefix}/{key}"] = value
+                out[key] = {"tensor": f"{prefix}/{key}"}
             else:
-                plain[key] = {"value": _jsonable(value, f"state[{pid}][{key!r}]")}
-        state[str(pid)] = plain
-    groups = []
-    for i, group in enumerate(sd["param_groups"]):
-        g = {}
-        for key, value in group.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim_group/{i}/{key}"] = value
-                g[key] = {"tensor": f"optim_group/{i}/{key}"}
-            else:
-                g[key] = {"value": _jsonable(value, f"param_groups[{i}][{key!r}]")}
-        groups.append(g)
-    return {"state": state, "param_groups": groups}
+                out[key] = {"value": _jsonable(value, f"{where}[{key!r}]")}
+        return out
+
+    sd = optimizer.state_dict()
+    return {"state": {str(pid): split(entry, f"optim/{pid}", f"state[{pid}]") for pid, entry in sd["state"].items()},
+            "param_groups": [split(group, f"optim_group/{i}", f"param_groups[{i}]")
+                             for i, group in enumerate(sd["param_groups"])]}
 
 
 def _like(value, template):
@@ -412,7 +405,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             raise ValueError("malformed header")
         meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
         head = json.loads(meta["amnesiac_checkpoint"])
-        tensors = safetensors.torch.load(data)
+        tensors = safetensors_from_bytes(data)
         ok = (isinstance(head, dict) and head.get("format") == CHECKPOINT_FORMAT
               and all(isinstance(head.get(k), int) for k in ("step", "log_bytes", "log_tail_crc32c", "epoch"))
               and isinstance(head.get("tensor_crc32c"), dict) and isinstance(head.get("optimizer"), dict))

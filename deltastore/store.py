@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import safetensors.torch
+from safetensors.torch import load as safetensors_from_bytes  # never pickle: plain tensors only
 import torch
 
 from .backends import backend_class, directory_bytes
@@ -328,7 +329,7 @@ class DeltaStore:
         if len(data) < 8 or int.from_bytes(data[:8], "little") > min(len(data) - 8, MAX_SAFETENSORS_HEADER):
             raise FormatError(f"{path} has a malformed safetensors header")
         try:
-            tensors = safetensors.torch.load(data)
+            tensors = safetensors_from_bytes(data)
         except Exception as e:  # a crc-valid but malformed file: only possible if crafted
             raise FormatError(f"{path} is not a valid safetensors file: {e}") from None
         if which == "residual" and (set(tensors) != {"residual"} or tensors["residual"].numel() != self.layout.numel
