@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .data import DataBundle, IndexedDataset, bundle_from_spec
-from .errors import AmnesiacError
+from .errors import AmnesiacError, SelectionError
 from .models import build_model
 from .run import Run
 from .training import make_optimizer, train, train_steps_ascent
@@ -86,10 +86,16 @@ class UnlearnTask:
         elif sample_ids is not None:
             selection = {"sample_ids": [int(i) for i in sample_ids]}
             forget = train_set.only_ids(selection["sample_ids"])
+            missing = sorted(set(selection["sample_ids"]) - set(forget.ids.tolist()))
+            if missing:  # as amnesiac itself refuses them: a baseline must not silently forget nothing
+                raise SelectionError(f"{len(missing)} sample id(s) are not in the run's training data, e.g. "
+                                     f"{missing[:5]}; check the ids. Nothing was unlearned.")
         else:
             selection = {"steps": [int(s) for s in steps]}
             seen = [run.samples_of_step(s) for s in selection["steps"]]
             forget = train_set.only_ids(np.concatenate(seen) if seen else np.zeros(0, np.int64))
+        if len(forget) == 0 and steps is None:  # undoing no step is a valid point of a curve; no class is not
+            raise SelectionError(f"the selection {selection} holds no training sample of this run: nothing to forget")
         retained = train_set.without_ids(forget.ids.numpy())
         fields = {"optimizer": extra.get("optimizer", "adam"), "lr": extra.get("lr", 1e-3),
                   "batch_size": extra.get("batch_size", 64), "epochs": extra.get("epochs", 5),

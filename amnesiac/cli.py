@@ -100,6 +100,8 @@ def cmd_forget(args) -> dict:
     method = args.method
     if method == "amnesiac" and args.finetune_epochs:
         method = "amnesiac-finetune"  # the older spelling: amnesiac + --finetune-epochs K
+    elif args.finetune_epochs and method != "amnesiac-finetune":
+        raise AmnesiacError(f"--finetune-epochs is for amnesiac; --method {method} takes its length from --epochs")
     if method == "amnesiac":
         report = run.unlearn_report(**selection, device=_device(args.device), progress=not args.json)
         state = {k: v.cpu() for k, v in report.state.items()}
@@ -177,6 +179,10 @@ def cmd_eval(args) -> dict:
         result["seconds"] = made.get("total_seconds", made.get("seconds"))
         result["made_by"] = made
     forget_samples = parse_ints(args.forget_samples) if args.forget_samples else None
+    if forget and forget_samples:
+        raise SelectionError("pass --forget-classes or --forget-samples, not both")
+    if args.shadows and not (forget or forget_samples):
+        raise SelectionError("--shadows attacks a forget set: give --forget-classes or --forget-samples too")
     if forget or forget_samples:
         from .baselines import UnlearnTask
         task = UnlearnTask.from_run(run, classes=forget or None, sample_ids=None if forget else forget_samples,
@@ -185,25 +191,33 @@ def cmd_eval(args) -> dict:
         attack = fit_shadow_attack(task, shadows=args.shadows) if args.shadows else None
         metrics = evaluate(task, state, reference=reference, attack=attack)
         result.update({k: v for k, v in metrics.items() if k != "test"})
+        if attack is not None:  # how good the attack's shadow models are says how much its numbers mean
+            result["shadow_accuracy"] = getattr(attack, "shadow_accuracy", None)
     result = json_ready(result)
     if not args.json:
         t = result["test"]
         print(f"test accuracy: overall {_p(t['overall'])}"
               + (f", forgotten classes {_p(t['forgotten'])}, retained {_p(t['retained'])}" if forget else ""))
-        if "forget_set" in result:
-            print(f"forget set: accuracy {_p(result['forget_set'])}, loss-attack recall "
-                  f"{result['mia_loss']['recall']:.3f} (AUC {result['mia_loss']['auc']:.3f})"
-                  + (f", shadow-attack recall {result['mia_shadow']['recall']:.3f} (AUC "
-                     f"{result['mia_shadow']['auc']:.3f})" if "mia_shadow" in result else ""))
+        if "mia_loss" in result:
+            print(f"forget set: accuracy {_p(result.get('forget_set'))}, loss-attack recall "
+                  f"{_f(result['mia_loss']['recall'])} (AUC {_f(result['mia_loss']['auc'])})"
+                  + (f", shadow-attack recall {_f(result['mia_shadow']['recall'])} (AUC "
+                     f"{_f(result['mia_shadow']['auc'])}; shadow models' accuracy {_p(result.get('shadow_accuracy'))})"
+                     if "mia_shadow" in result else ""))
         if "distance" in result:
             d = result["distance"]
-            print(f"to the reference: weights L2 {d['weights_l2']:.3f} ({d['weights_l2_relative']:.3f} relative), "
-                  f"test agreement {_p(d['test_agreement'])}, KL {d['test_kl']:.4f}")
+            print(f"to the reference: weights L2 {_f(d['weights_l2'])} ({_f(d['weights_l2_relative'])} relative), "
+                  f"test agreement {_p(d['test_agreement'])}, KL {_f(d['test_kl'], 4)}")
     return result
 
 
 def _p(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
+
+
+def _f(x, digits: int = 3) -> str:
+    """A metric for text output: JSON-ready results hold None where a metric is undefined (NaN)."""
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def cmd_experiment(args) -> dict:

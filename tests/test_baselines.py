@@ -108,3 +108,17 @@ def test_forget_by_sample_ids_and_steps(task):
 def _bundle_of(task):
     from amnesiac.data import DataBundle
     return DataBundle("digits", task.train_set, task.test_set, 10)
+
+
+def test_baselines_refuse_ids_outside_the_training_data(task):
+    from amnesiac import SelectionError
+    test_id = int(task.test_set.ids[0])  # a real sample, but never trained on
+    train_id = int(task.train_set.ids[0])
+    with pytest.raises(SelectionError, match="not in the run's training data"):
+        UnlearnTask.from_run(task.run, sample_ids=[train_id, test_id], bundle=_bundle_of(task))
+    assert len(UnlearnTask.from_run(task.run, sample_ids=[train_id], bundle=_bundle_of(task)).forget_set) == 1
+
+
+def _bundle_of(task):
+    from amnesiac.data import DataBundle
+    return DataBundle("digits", task.train_set, task.test_set, 10)

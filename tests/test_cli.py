@@ -71,3 +71,25 @@ def test_parse_ints(tmp_path):
     assert parse_ints("1,2,5-7") == [1, 2, 5, 6, 7]
     (tmp_path / "ids.txt").write_text("4 5\n9")
     assert parse_ints(f"@{tmp_path / 'ids.txt'}") == [4, 5, 9]
+
+
+def test_cli_refuses_options_it_would_ignore(trained_run, tmp_path, capsys):
+    out = str(tmp_path / "x.safetensors")
+    assert amnesiac_main(["forget", "--run", str(trained_run), "--classes", "3", "--method", "retrain",
+                          "--finetune-epochs", "2", "--out", out]) == 2
+    assert "--epochs" in capsys.readouterr().err
+    assert amnesiac_main(["eval", "--run", str(trained_run), "--forget-classes", "3", "--forget-samples", "1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert amnesiac_main(["eval", "--run", str(trained_run), "--shadows", "1"]) == 2
+    assert "forget set" in capsys.readouterr().err
+
+
+def test_eval_text_output_survives_undefined_metrics(trained_run, capsys):
+    """A forget set of one sample: AUCs and such can be undefined; the text output says n/a instead of crashing."""
+    from amnesiac import open_run
+    sample = int(open_run(trained_run).sample_ids()[0])
+    assert amnesiac_main(["eval", "--run", str(trained_run), "--forget-samples", str(sample), "--shadows", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "forget set: accuracy" in text and "shadow models' accuracy" in text
+    from amnesiac.cli import _f, _p
+    assert _f(None) == "n/a" and _p(None) == "n/a" and _f(0.12345) == "0.123"
