@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import struct
 from dataclasses import dataclass
@@ -38,20 +39,27 @@ from .errors import AmnesiacError, ModelMismatchError, RunDamagedError, RunNotFo
 _STRAY = (ValueError, IndexError, KeyError, RuntimeError, struct.error, OSError, OverflowError, AttributeError)
 
 
-def _reading(method):
+@contextlib.contextmanager
+def _damage_is_reported(path):
     """Whatever a damaged or crafted run directory makes the layers below raise reaches the caller as one of our
     errors: :class:`DeltaStoreError` / :class:`AmnesiacError` pass through, anything else becomes
     :class:`RunDamagedError` (out-of-memory and interrupts excepted)."""
+    try:
+        yield
+    except (DeltaStoreError, AmnesiacError, torch.OutOfMemoryError):
+        raise
+    except _STRAY as e:
+        raise RunDamagedError(f"{path} is damaged or malformed ({type(e).__name__}: {str(e)[:300]}); run "
+                              f"`deltastore verify {path}`") from e
+
+
+def _reading(method):
+    """Decorate a :class:`Run` method with :func:`_damage_is_reported`."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        try:
+        with _damage_is_reported(self.path):
             return method(self, *args, **kwargs)
-        except (DeltaStoreError, AmnesiacError, torch.OutOfMemoryError):
-            raise
-        except _STRAY as e:
-            raise RunDamagedError(f"{self.path} is damaged or malformed ({type(e).__name__}: {str(e)[:300]}); run "
-                                  f"`deltastore verify {self.path}`") from e
     return wrapper
 
 
@@ -77,14 +85,10 @@ class UnlearnReport:
 def open_run(path: str | Path) -> Run:
     """Open a recorded run for reading (also an incomplete one left by a crash: see :attr:`Run.complete`)."""
     try:
-        return Run(DeltaStore.open(path))
+        with _damage_is_reported(path):
+            return Run(DeltaStore.open(path))
     except StoreNotFoundError as e:
         raise RunNotFoundError(str(e)) from None
-    except (DeltaStoreError, AmnesiacError, torch.OutOfMemoryError):
-        raise
-    except _STRAY as e:
-        raise RunDamagedError(f"{path} is damaged or malformed ({type(e).__name__}: {str(e)[:300]}); run "
-                              f"`deltastore verify {path}`") from e
 
 
 class Run:

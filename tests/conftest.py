@@ -36,3 +36,14 @@ def mnist10k():
     if not MNIST10K.is_file():
         pytest.skip(f"{MNIST10K} is not present")
     return MNIST10K
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory):
+    """One small run recorded through the command line (digits, MLP, 10 threes kept), shared read-only by the CLI
+    tests of several modules."""
+    from amnesiac.cli import main as amnesiac_main
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert amnesiac_main(["train", "--dataset", "digits", "--model", "mlp", "--run", str(run), "--epochs", "3",
+                          "--keep-class", "3", "--keep-count", "10", "--json"]) == 0
+    return run

@@ -50,14 +50,6 @@ def test_cli_experiment_and_bad_name(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("cli5") / "run"
-    assert amnesiac_main(["train", "--dataset", "digits", "--model", "mlp", "--run", str(run), "--epochs", "3",
-                          "--keep-class", "3", "--keep-count", "10", "--json"]) == 0
-    return run
-
-
 @pytest.mark.parametrize("method", ["amnesiac", "amnesiac-finetune", "retrain", "finetune", "relabel", "neggrad"])
 def test_cli_forget_methods(cli_run, method, tmp_path, capsys):
     out = tmp_path / f"{method}.safetensors"
