@@ -2,90 +2,58 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from deltastore import DeltaStoreError
 
+from .cli_args import UsageError, check_weights_file, note, parse_device, parse_ids
+from .cli_parser import EXPERIMENT_NAMES, METHOD_NAMES  # noqa: F401 - names the command line has always exported
+from .cli_parser import build_parser as _build_parser
+from .cli_train import TrainingInterrupted, cmd_train, interrupted_exit
 from .errors import AmnesiacError, SelectionError
+from .progress import interactive
 
-METHOD_NAMES = ("amnesiac", "amnesiac-finetune", "retrain", "finetune", "relabel", "neggrad")
-EXPERIMENT_NAMES = ("mnist", "cifar100", "samples", "fraction", "codecs")
-EPILOG = "Errors exit with status 2 and one line naming the remedy; nothing is written on bad input."
 
 
 def parse_ints(text: str) -> list[int]:
     """``"1,2,5-7"`` -> ``[1, 2, 5, 6, 7]``; ``@FILE`` reads whitespace/comma separated ids from a file."""
-    if text.startswith("@"):
-        text = Path(text[1:]).read_text().replace("\n", ",").replace(" ", ",")
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise SelectionError(f"cannot read {part!r} as an integer or a range like 5-9") from None
-    return out
-
-
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AmnesiacError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return device
+    return parse_ids(text).tolist()
 
 
 def cmd_demo(args) -> dict:
+    import shutil
+    import tempfile
+
     from .demo import format_table, run_demo
-    result = run_demo(args.run, keep=args.keep, epochs=args.epochs, codec=args.codec, progress=not args.json)
+    if args.keep_dir is not None and args.keep_dir.isdigit():
+        raise UsageError(f"--keep {args.keep_dir} names the directory that keeps the run; to keep "
+                         f"{args.keep_dir} threes in training use --keep-count {args.keep_dir}")
+    scratch = None if args.keep_dir else Path(tempfile.mkdtemp(prefix="amnesiac-demo-"))
+    try:
+        result = run_demo(args.keep_dir or scratch / "run", keep=args.keep_count, epochs=args.epochs,
+                          codec=args.codec, progress=not args.json)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    result["run_kept"] = scratch is None
     if not args.json:
         print(format_table(result))
     return result
 
 
-def cmd_train(args) -> dict:
-    from .data import load_dataset
-    from .models import build_model, model_spec
-    from .recorder import Recorder
-    from .training import accuracy, make_optimizer, train
-    device = _device(args.device)
-    bundle = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download, seed=args.seed,
-                          path=args.data_path, size=args.size)
-    data_spec = dict(bundle.spec)
-    if args.keep_class is not None:
-        bundle.train = bundle.train.keep_few_of_class(args.keep_class, args.keep_count, args.seed)
-        data_spec.update(keep_class=args.keep_class, keep_count=args.keep_count)
-    spec = model_spec(args.model, bundle.input_shape, bundle.num_classes)
-    torch.manual_seed(args.seed)
-    model = build_model(spec).to(device)
-    opt = make_optimizer(model, args.optimizer, args.lr)
-    extra = {"data": data_spec, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
-             "epochs": args.epochs, "seed": args.seed}
-    with Recorder(model, opt, args.run, codec=args.codec, backend=args.backend, model_spec=spec,
-                  extra=extra) as rec:
-        seconds = train(model, opt, bundle.train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                        recorder=rec, progress=not args.json)
-    acc = accuracy(model, bundle.test)
-    result = {"run": str(args.run), "steps": rec.store.num_steps, "train_seconds": seconds,
-              "test_accuracy": acc["overall"], "codec": rec.store.codec.name}
-    if not args.json:
-        print(f"recorded {result['steps']} steps into {args.run} in {seconds:.1f} s; test accuracy "
-              f"{acc['overall']:.1%}")
-    return result
-
-
-def _selection(args) -> dict:
-    return {"sample_ids": parse_ints(args.samples) if args.samples else None,
-            "classes": parse_ints(args.classes) if args.classes else None,
-            "steps": parse_ints(args.steps) if args.steps else None}
+def _selection(args, run) -> dict:
+    """The one selection given (``--samples``, ``--classes`` or ``--steps``), checked against the run."""
+    if args.samples is not None:
+        ids = run.sample_ids()
+        return {"sample_ids": parse_ids(args.samples, option="--samples", what="sample id",
+                                        limit=int(ids[-1]) if ids.size else -1)}
+    if args.classes is not None:
+        return {"classes": parse_ids(args.classes, option="--classes", what="class")}
+    return {"steps": parse_ids(args.steps, option="--steps", what="step", limit=run.num_steps - 1)}
 
 
 def cmd_forget(args) -> dict:
@@ -95,36 +63,79 @@ def cmd_forget(args) -> dict:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise AmnesiacError(f"{out} exists; pass --overwrite or choose another --out")
+    device = parse_device(args.device)
     run = open_run(args.run)
-    selection = _selection(args)
+    selection = _selection(args, run)
     method = args.method
     if method == "amnesiac" and args.finetune_epochs:
         method = "amnesiac-finetune"  # the older spelling: amnesiac + --finetune-epochs K
     elif args.finetune_epochs and method != "amnesiac-finetune":
         raise AmnesiacError(f"--finetune-epochs is for amnesiac; --method {method} takes its length from --epochs")
+    if method not in ("amnesiac", "amnesiac-finetune") and device.type != "cpu":
+        raise UsageError(f"--method {method} trains on the CPU here; leave out --device {args.device} (it sums "
+                         "deltas for amnesiac and amnesiac-finetune only)")
     if method == "amnesiac":
-        report = run.unlearn_report(**selection, device=_device(args.device), progress=not args.json)
+        report = run.unlearn_report(**selection, device=device, progress=not args.json and interactive())
         state = {k: v.cpu() for k, v in report.state.items()}
         result = {"run": str(run.path), "out": str(out), "method": method, **report.summary(), "finetune_epochs": 0,
                   "finetune_seconds": 0.0, "complete_run": run.complete}
     else:
-        state, result = _baseline(run, selection, method, args)
+        state, result = _baseline(run, selection, method, args, device)
         result = {"run": str(run.path), "out": str(out), **result, "complete_run": run.complete}
     meta = {"amnesiac": json.dumps({k: v for k, v in result.items() if k != "out"}, default=_jsonable)}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
     if not args.json:
         if "steps_undone" in result:
-            print(f"{method}: undid {result['steps_undone']} of {result['total_steps']} steps ({result['plan']}, "
-                  f"read {result['steps_read']} steps) in {result['seconds']:.2f} s"
+            print(f"{method}: undid {result['steps_undone']} of {result['total_steps']} steps in "
+                  f"{result['seconds']:.2f} s ({plan_in_words(result)})"
                   + (f" + {result['finetune_seconds']:.2f} s of fine-tuning" if result["finetune_epochs"] else "")
                   + f"; wrote {out}")
         else:
             print(f"{method}: {result['seconds']:.2f} s; wrote {out}")
+        if not run.complete:
+            print(incomplete_notice(run))
+    if "steps_undone" in result:
+        warning = undo_warning(result["steps_undone"], result["total_steps"], method)
+        if warning:
+            note(warning)
     return result
 
 
-def _baseline(run, selection, method, args):
+def plan_in_words(result: dict) -> str:
+    """How the weights were computed, for people: ``final-minus-selected`` and ``start-plus-others`` are for JSON.
+
+    >>> plan_in_words({"plan": "start-plus-others", "steps_read": 3})
+    'rebuilt from the initial weights plus the 3 steps kept'
+    """
+    if result["plan"] == "start-plus-others":
+        return f"rebuilt from the initial weights plus the {result['steps_read']} steps kept"
+    return f"subtracted the {result['steps_read']} undone steps from the final weights"
+
+
+def undo_warning(undone: int, total: int, method: str) -> str | None:
+    """A warning when a forget undoes more than half of the run (it then returns close to the initial weights).
+
+    >>> undo_warning(10, 100, "amnesiac") is None
+    True
+    >>> undo_warning(90, 100, "amnesiac").startswith("warning: this undid 90% of the run's steps")
+    True
+    """
+    if total == 0 or undone * 2 <= total:
+        return None
+    fine_tune = "" if method == "amnesiac-finetune" else "fine-tune afterwards (--finetune-epochs 1), "
+    return (f"warning: this undid {undone / total:.0%} of the run's steps ({undone} of {total}), so the result is "
+            f"close to the untrained initial weights: every batch held a selected sample. Remedies: {fine_tune}"
+            "use a baseline (--method retrain or finetune), or record with few samples of the class to forget "
+            "(amnesiac train --keep-class C --keep-count N, the paper's setting)")
+
+
+def incomplete_notice(run) -> str:
+    return (f"note: {run.path} is an incomplete run (training was interrupted) with {run.num_steps} committed "
+            "steps; results are for those steps. `amnesiac train ... --resume` continues it")
+
+
+def _baseline(run, selection, method, args, device):
     """Every --method but plain amnesiac: needs the model and data description `amnesiac train` stores."""
     from .baselines import UnlearnTask, run_method
     spec = run.spec
@@ -134,7 +145,7 @@ def _baseline(run, selection, method, args):
     task = UnlearnTask.from_run(run, **{k: v for k, v in selection.items() if v is not None}, download=args.download)
     options: dict = {}
     if method == "amnesiac-finetune":
-        options = {"epochs": args.finetune_epochs or args.epochs or 1, "device": str(_device(args.device))}
+        options = {"epochs": args.finetune_epochs or args.epochs or 1, "device": str(device)}
     elif method in ("finetune", "relabel", "neggrad") and args.epochs:
         options = {"epochs": args.epochs}
     elif method == "retrain" and args.epochs:
@@ -159,6 +170,10 @@ def cmd_eval(args) -> dict:
     from .models import build_model
     from .run import open_run
     from .training import accuracy
+    if args.weights:
+        check_weights_file(args.weights)
+    if args.reference:
+        check_weights_file(args.reference, "--reference")
     run = open_run(args.run)
     spec = run.spec
     if not spec.get("model_spec"):
@@ -168,17 +183,26 @@ def cmd_eval(args) -> dict:
     model = build_model(spec["model_spec"])
     state = load_file(args.weights) if args.weights else run.final_state()
     run.load_into(model, state)
-    forget = parse_ints(args.forget_classes) if args.forget_classes else []
+    forget = parse_ids(args.forget_classes, option="--forget-classes", what="class",
+                       limit=bundle.num_classes - 1).tolist() if args.forget_classes is not None else []
     result = {"run": str(run.path), "weights": args.weights or "final", "forget_classes": forget,
               "test": accuracy(model, bundle.test, forget), "train": accuracy(model, bundle.train, forget),
-              "storage": storage(run)}
+              "storage": storage(run), "complete_run": run.complete}
     if args.weights:
         with safe_open(args.weights, "pt") as f:
-            made = json.loads((f.metadata() or {}).get("amnesiac", "{}"))
+            try:
+                made = json.loads((f.metadata() or {}).get("amnesiac", "{}"))
+            except ValueError:  # a file not written by `amnesiac forget`: nothing to say about how it was made
+                made = {}
+        made = made if isinstance(made, dict) else {}
         result["method"] = made.get("method", "amnesiac" if "steps_undone" in made else None)
         result["seconds"] = made.get("total_seconds", made.get("seconds"))
         result["made_by"] = made
-    forget_samples = parse_ints(args.forget_samples) if args.forget_samples else None
+    forget_samples = None
+    if args.forget_samples is not None:
+        ids = run.sample_ids()
+        forget_samples = parse_ids(args.forget_samples, option="--forget-samples", what="sample id",
+                                   limit=int(ids[-1]) if ids.size else -1).tolist()
     if forget and forget_samples:
         raise SelectionError("pass --forget-classes or --forget-samples, not both")
     if args.shadows and not (forget or forget_samples):
@@ -188,7 +212,7 @@ def cmd_eval(args) -> dict:
         task = UnlearnTask.from_run(run, classes=forget or None, sample_ids=None if forget else forget_samples,
                                     bundle=bundle)
         reference = load_file(args.reference) if args.reference else None
-        attack = fit_shadow_attack(task, shadows=args.shadows) if args.shadows else None
+        attack = fit_shadow_attack(task, shadows=args.shadows, progress=not args.json) if args.shadows else None
         metrics = evaluate(task, state, reference=reference, attack=attack)
         result.update({k: v for k, v in metrics.items() if k != "test"})
         if attack is not None:  # how good the attack's shadow models are says how much its numbers mean
@@ -208,6 +232,8 @@ def cmd_eval(args) -> dict:
             d = result["distance"]
             print(f"to the reference: weights L2 {_f(d['weights_l2'])} ({_f(d['weights_l2_relative'])} relative), "
                   f"test agreement {_p(d['test_agreement'])}, KL {_f(d['test_kl'], 4)}")
+        if not run.complete:
+            print(incomplete_notice(run))
     return result
 
 
@@ -230,103 +256,25 @@ def cmd_experiment(args) -> dict:
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from deltastore.codecs import CODEC_NAMES
-
-    from .data import DATASETS
-    from .models import MODELS
-    p = argparse.ArgumentParser(prog="amnesiac", description="Record PyTorch training runs and forget training "
-                                "samples by undoing the optimizer steps that saw them (amnesiac unlearning).",
-                                epilog=EPILOG)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("demo", help="forget a digit from an MLP trained on scikit-learn digits (offline, <1 min)",
-                       description="Train an MLP on scikit-learn's digits with only a few threes, recording every "
-                       "step; forget the threes; print accuracy before, after, after one fine-tune epoch and of a "
-                       "model retrained from scratch, with timings and the store's size.")
-    d.add_argument("--run", help="run directory to create (default: a new temporary directory)")
-    d.add_argument("--keep", type=int, default=6, help="threes kept in training (default 6)")
-    d.add_argument("--epochs", type=int, default=20)
-    d.add_argument("--codec", default="fp32", help=f"delta codec: {', '.join(CODEC_NAMES)}")
-    d.set_defaults(func=cmd_demo)
-
-    t = sub.add_parser("train", help="train a model while recording every step into a run directory")
-    t.add_argument("--dataset", choices=DATASETS, required=True)
-    t.add_argument("--model", choices=MODELS, required=True)
-    t.add_argument("--run", required=True, help="new run directory")
-    t.add_argument("--codec", default="fp32", help=f"{', '.join(CODEC_NAMES)} (default fp32, exact)")
-    t.add_argument("--backend", default="zarr", choices=["zarr", "safetensors"])
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--keep-class", type=int, help="keep only --keep-count samples of this class (paper setting)")
-    t.add_argument("--keep-count", type=int, default=100)
-    t.add_argument("--size", type=int, default=2000, help="samples of the synthetic data set")
-    t.add_argument("--data-dir", help="torchvision data folder (mnist, cifar100)")
-    t.add_argument("--data-path", help="the .npz file for --dataset npz (arrays images, labels)")
-    t.add_argument("--download", action="store_true", help="let torchvision download mnist/cifar100")
-    t.add_argument("--device", default="cpu")
-    t.set_defaults(func=cmd_train)
-
-    f = sub.add_parser("forget", help="unlearn samples, classes or steps from a saved run (offline)",
-                       description="Undo every step whose batch held the selected samples and write the resulting "
-                       "state_dict as safetensors. Needs only the run directory. IDS: 1,2,5-9 or @file.")
-    f.add_argument("--run", required=True)
-    sel = f.add_mutually_exclusive_group(required=True)
-    sel.add_argument("--samples", help="sample ids to forget")
-    sel.add_argument("--classes", help="classes to forget (the run must have recorded labels)")
-    sel.add_argument("--steps", help="steps to undo")
-    f.add_argument("--out", required=True, help="output FILE.safetensors")
-    f.add_argument("--overwrite", action="store_true")
-    f.add_argument("--method", default="amnesiac", choices=METHOD_NAMES,
-                   help="amnesiac (default: undo the steps), amnesiac-finetune, or a baseline: retrain (from the "
-                   "run's initial weights), finetune (on the retained data), relabel (random wrong labels for the "
-                   "forget set), neggrad (gradient ascent on the forget set); all but amnesiac need the run's data")
-    f.add_argument("--finetune-epochs", type=int, default=0,
-                   help="fine-tune epochs on the retained data afterwards (needs the run's data set); with the "
-                   "default method this means amnesiac-finetune")
-    f.add_argument("--epochs", type=int, help="epochs of the baseline (default: retrain as long as the run "
-                   "trained; finetune, relabel: 1; neggrad: 1)")
-    f.add_argument("--lr", type=float, help="neggrad's learning rate (default: the run's)")
-    f.add_argument("--device", default="cpu", help="cpu or cuda: where the deltas are summed")
-    f.add_argument("--download", action="store_true")
-    f.set_defaults(func=cmd_forget)
-
-    e = sub.add_parser("eval", help="test accuracy of a run's final weights or of a forget result")
-    e.add_argument("--run", required=True)
-    e.add_argument("--weights", help="FILE.safetensors from `amnesiac forget` (default: the run's final state)")
-    e.add_argument("--forget-classes", help="classes to report apart, e.g. 3")
-    e.add_argument("--forget-samples", help="sample ids that were forgotten (for the forget-set metrics)")
-    e.add_argument("--reference", help="FILE.safetensors to measure the distance to (e.g. `forget --method retrain`)")
-    e.add_argument("--shadows", type=int, default=0,
-                   help="shadow models for the paper's membership inference attack (default 0: only the "
-                   "loss-threshold attack; 4 is a good choice)")
-    e.add_argument("--download", action="store_true")
-    e.set_defaults(func=cmd_eval)
-
-    x = sub.add_parser("experiment", help="run one of the paper's experiments and write a report with plots",
-                       description="Run an experiment with every hyper-parameter and seed from a config file and "
-                       "write results.json, report.md and PNG plots into OUT/NAME.")
-    x.add_argument("name", choices=EXPERIMENT_NAMES)
-    x.add_argument("--config", help="JSON or TOML config (default: configs/NAME.json in the repository)")
-    x.add_argument("--out", default="runs/experiments", help="output folder (default runs/experiments)")
-    x.add_argument("--smoke", action="store_true", help="a tiny version (seconds): the config's smoke overrides")
-    x.add_argument("--keep-runs", action="store_true", help="keep the recorded run directories (large)")
-    x.set_defaults(func=cmd_experiment)
-    for sp in (d, t, f, e, x):
-        sp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return p
+def build_parser():
+    """The ``amnesiac`` argument parser (see :mod:`amnesiac.cli_parser`)."""
+    return _build_parser({"demo": cmd_demo, "train": cmd_train, "forget": cmd_forget, "eval": cmd_eval,
+                          "experiment": cmd_experiment})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         result = args.func(args)
+    except TrainingInterrupted as e:
+        return interrupted_exit(e)
     except (AmnesiacError, DeltaStoreError) as e:
         print(f"amnesiac {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # `train` handles Ctrl-C itself; elsewhere nothing half-done is left to keep
+        print(f"amnesiac {args.command}: interrupted", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(result, indent=1, default=_jsonable))
     return 0

@@ -8,6 +8,7 @@ without the threes is measured beside it: the gold standard and the cost amnesia
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +25,12 @@ from .training import accuracy, make_optimizer, train
 def run_demo(run_dir: str | Path | None = None, *, target: int = 3, keep: int = 6, epochs: int = 20,
              batch_size: int = 32, lr: float = 1e-3, seed: int = 0, codec: str = "fp32",
              progress: bool = True) -> dict:
-    """Run the demo and return its figures (see :func:`format_table`)."""
+    """Run the demo and return its figures (see :func:`format_table`); with ``progress``, say each stage on
+    stderr and show the training's progress."""
+    def say(text: str) -> None:
+        if progress:
+            print(text, file=sys.stderr, flush=True)
+
     run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="amnesiac-demo-")) / "run"
     bundle = load_dataset("digits", seed=seed)
     train_set = bundle.train.keep_few_of_class(target, keep, seed)
@@ -32,6 +38,8 @@ def run_demo(run_dir: str | Path | None = None, *, target: int = 3, keep: int = 
     spec = model_spec("mlp", bundle.input_shape, bundle.num_classes)
     data_spec = {**bundle.spec, "keep_class": target, "keep_count": keep}
 
+    say(f"1/4 training an MLP on {len(train_set)} scikit-learn digits for {epochs} epochs, recording every step "
+        f"into {run_dir}")
     torch.manual_seed(seed)
     model = build_model(spec)
     opt = make_optimizer(model, "adam", lr)
@@ -41,16 +49,19 @@ def run_demo(run_dir: str | Path | None = None, *, target: int = 3, keep: int = 
                               progress=progress)
     rows = {"trained": accuracy(model, bundle.test, [target])}
 
+    say(f"2/4 forgetting class {target}: undoing the steps that saw its {keep} samples")
     run = open_run(run_dir)
     report = run.unlearn_report(classes=[target])
     model.load_state_dict(report.state)
     rows["amnesiac"] = accuracy(model, bundle.test, [target])
 
+    say("3/4 fine-tuning one epoch on the retained data")
     start = time.perf_counter()
     train(model, make_optimizer(model, "adam", lr), retained, epochs=1, batch_size=batch_size, seed=seed + 1)
     finetune_seconds = time.perf_counter() - start
     rows["amnesiac + 1 fine-tune epoch"] = accuracy(model, bundle.test, [target])
 
+    say(f"4/4 retraining from scratch without class {target}, for comparison")
     torch.manual_seed(seed)
     scratch = build_model(spec)
     retrain_seconds = train(scratch, make_optimizer(scratch, "adam", lr), retained, epochs=epochs,
@@ -82,5 +93,6 @@ def format_table(r: dict) -> str:
               f"({r['retrain_seconds'] / max(r['unlearn_seconds'], 1e-9):.0f}x the unlearning time)",
               f"delta store         {r['store_bytes'] / 1e6:.2f} MB on disk for {r['raw_fp32_bytes'] / 1e6:.2f} MB "
               f"of raw fp32 deltas (ratio {r['ratio']:.2f}, codec {r['codec']})",
-              f"run directory       {r['run_dir']}"]
+              f"run directory       {r['run_dir']}"
+              + ("" if r.get("run_kept", True) else " (removed; --keep DIR keeps it)")]
     return "\n".join(lines)

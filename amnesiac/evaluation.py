@@ -101,16 +101,23 @@ def storage(run) -> dict:
 
 
 def fit_shadow_attack(task, pool: IndexedDataset | None = None, *, shadows: int = 4, epochs: int | None = None,
-                      classifier: str = "gbdt", seed: int | None = None) -> ShadowAttack:
+                      classifier: str = "gbdt", seed: int | None = None, progress: bool = False) -> ShadowAttack:
     """Fit the paper's shadow-model attack for ``task``: shadows of the run's architecture, trained with the run's
     optimizer, learning rate, batch size and epochs on halves of ``pool`` (default: the test set, which the target
-    never saw)."""
+    never saw). ``progress`` says on stderr which shadow model is being trained."""
     from .models import build_model
     from .training import make_optimizer, train
     pool = task.test_set if pool is None else pool
     epochs = task.epochs if epochs is None else epochs
 
+    trained = 0
+
     def train_shadow(data: IndexedDataset, shadow_seed: int) -> torch.nn.Module:
+        nonlocal trained
+        trained += 1
+        if progress:
+            from .progress import say
+            say(f"shadow model {trained}/{shadows}: training {epochs} epochs on {len(data)} samples")
         torch.manual_seed(shadow_seed)
         model = build_model(task.model_spec)
         train(model, make_optimizer(model, task.optimizer, task.lr), data, epochs=epochs,

@@ -76,6 +76,11 @@ class UnlearnReport:
     raw_fp32_bytes_read: int
     seconds: float
 
+    def __repr__(self) -> str:  # the state's tensors are left out: printing them is never what anyone wants
+        return (f"<UnlearnReport: undid {self.steps_undone.size} of {self.total_steps} steps ({self.plan}), read "
+                f"{self.steps_read} steps ({_size(self.encoded_bytes_read)}) in {self.seconds:.3f} s; state of "
+                f"{len(self.state)} tensors>")
+
     def summary(self) -> dict:
         return {"steps_undone": int(self.steps_undone.size), "total_steps": self.total_steps, "plan": self.plan,
                 "steps_read": self.steps_read, "encoded_bytes_read": self.encoded_bytes_read,
@@ -97,6 +102,11 @@ class Run:
     def __init__(self, store: DeltaStore):
         self.store = store
         self._ledger = None
+
+    def __repr__(self) -> str:
+        info = self.store.info()
+        return (f"<Run {self.path}: {self.num_steps} steps, codec {info['codec']}, "
+                f"{'complete' if self.complete else 'incomplete'}, {_size(info['bytes_on_disk'])} on disk>")
 
     @property
     def path(self) -> Path:
@@ -254,3 +264,12 @@ def _int_array(values, what: str) -> np.ndarray:
     if arr.size and arr.dtype.kind not in "iu":
         raise SelectionError(f"{what} must be integers, got {arr.dtype}")
     return arr.astype(np.int64)
+
+
+def _size(n: int) -> str:
+    """``1234567`` -> ``'1.2 MB'``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

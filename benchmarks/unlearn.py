@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model  # noqa: E402
+from _common import check_codecs, check_names, cpu_model, one_line_parser  # noqa: E402
 
 SIZES = {"resnet18": 11_173_962, "resnet50": 25_557_032}  # floating state_dict elements
 EPOCHS = 10
@@ -305,7 +305,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     rows = [r for r in result["rows"] if r["selection"] == "10%"]
     labels = sorted({(r["model"], r["codec"], r["backend"]) for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)) + 3, 4.5))
     width = 0.4
     for i, cache in enumerate(("warm", "cold")):
         vals = [next((r["raw_fp32_gbps"] for r in rows if (r["model"], r["codec"], r["backend"]) == lab
@@ -319,9 +319,12 @@ def plot(result: dict, path: Path) -> None:
     if zr:
         ax.axhline(statistics.median(zr), color="r", ls="-.", label="plain zarr row reads")
     ax.set_xticks(range(len(labels)), ["\n".join(lab) for lab in labels], fontsize=7)
+    ax.set_xlabel("run: model / codec / backend")
     ax.set_ylabel("GB/s of raw fp32 deltas reduced")
-    ax.set_title("Unlearning 10% of the steps, 2-core CPU")
-    ax.legend(fontsize=7)
+    m = result.get("machine", {})
+    ax.set_title(f"Unlearning 10% of the steps (higher is better); {m.get('cpu', 'CPU')} x{m.get('affinity', '?')}",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -329,7 +332,7 @@ def plot(result: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = one_line_parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="a tiny run of every part, in seconds")
     p.add_argument("--out", default="benchmarks/results-unlearn", help="folder for unlearn.json and unlearn.png")
     p.add_argument("--workdir", default="/tmp/unlearn-bench", help="where generated runs live (deleted after use)")
@@ -346,6 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    check_names(p, "--models", args.models, SIZES)
+    check_codecs(p, "--codecs", args.codecs)
+    check_names(p, "--backends", args.backends, ("zarr", "safetensors"))
     if args.child:
         child(args)
         return {}

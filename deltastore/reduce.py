@@ -119,7 +119,7 @@ def reduce_steps(store, steps: np.ndarray, *, device: torch.device = torch.devic
 
     tasks = [(int(s), c0, c1) for s in steps for c0, c1 in blocks]
     bar = None
-    if progress:
+    if progress and tasks:  # no bar for no work: it would only leave "reducing: 0block" behind
         from tqdm import tqdm
         bar = tqdm(total=len(tasks), unit="block", desc="reducing", leave=False)
     try:

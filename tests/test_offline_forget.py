@@ -57,10 +57,11 @@ def test_forget_on_a_copied_run(tmp_path, bn_model, backend, capsys):
     bn_model.load_state_dict(state)  # a complete state_dict for the model
 
 
-def test_forget_shows_a_progress_bar_without_json(tmp_path, bn_model, capsys):
+def test_forget_shows_a_progress_bar_without_json(tmp_path, bn_model, capsys, monkeypatch):
     record_run(bn_model, tmp_path / "run", "zarr")
     out = tmp_path / "forgot.safetensors"
-    assert amnesiac_main(["forget", "--run", str(tmp_path / "run"), "--classes", "1", "--out", str(out)]) == 0
+    monkeypatch.setattr("amnesiac.cli.interactive", lambda: True)  # bars are drawn on terminals only
+    assert amnesiac_main(["forget", "--run", str(tmp_path / "run"), "--steps", "0", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "reducing" in captured.err  # tqdm's bar, on stderr
     assert "undid" in captured.out and out.is_file()

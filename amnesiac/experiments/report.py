@@ -5,15 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .plots import LABELS, plot_codecs, plot_fraction, plot_methods
+
 # The paper's MNIST figures (Graves et al., AAAI 2021: ResNet-18, full MNIST, 100 threes kept, batch 64, Adam).
 PAPER_MNIST = {
     "original": {"mia_recall": 0.952},
     "amnesiac": {"forgotten": 0.0, "retained": 0.95, "mia_recall": 0.127},
     "amnesiac-finetune": {"retained": 0.99, "mia_recall": 0.016},
 }
-LABELS = {"original": "trained (before)", "retrain": "retrain from scratch", "finetune": "fine-tune on retained",
-          "relabel": "random relabel (paper's 'Unlearning')", "neggrad": "gradient ascent (NegGrad)",
-          "amnesiac": "amnesiac", "amnesiac-finetune": "amnesiac + fine-tune"}
 
 
 def pct(x) -> str:
@@ -102,82 +101,6 @@ def setting_line(s: dict) -> str:
 def storage_line(st: dict) -> str:
     return (f"delta store: {st['steps']} steps, {st['delta_bytes'] / 1e6:.1f} MB on disk for "
             f"{st['raw_fp32_bytes'] / 1e6:.1f} MB of raw fp32 deltas (ratio {st['ratio']:.2f}, codec {st['codec']})")
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_methods(rows: dict, path: Path, title: str, classes: bool) -> None:
-    plt = _plt()
-    names = list(rows)
-    series = ([("test forgotten cls", lambda m: m["test"]["forgotten"]),
-               ("test retained cls", lambda m: m["test"]["retained"])] if classes else
-              [("test overall", lambda m: m["test"]["overall"])])
-    series += [("forget-set acc", lambda m: m["forget_set"]),
-               ("MIA recall (shadow)", lambda m: _g(m, "mia_shadow", "recall"))]
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    width = 0.8 / len(series)
-    for i, (label, fn) in enumerate(series):
-        vals = [fn(rows[n]["metrics"]) for n in names]
-        vals = [0 if v is None else v for v in vals]
-        ax.bar([j + i * width for j in range(len(names))], vals, width, label=label)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [LABELS.get(n, n) for n in names], rotation=20,
-                  ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=len(series), loc="upper center", bbox_to_anchor=(0.5, -0.35))
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_fraction(points: list[dict], path: Path, title: str) -> None:
-    plt = _plt()
-    x = [100 * p["fraction"] for p in points]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for key, label in (("amnesiac", "amnesiac"), ("amnesiac_finetune", "amnesiac + 1 fine-tune epoch"),
-                       ("retrain", "retrain from scratch")):
-        if all(key in p for p in points):
-            ax.plot(x, [100 * p[key] for p in points], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("batches undone (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    if all("speedup" in p for p in points):
-        ax2.plot(x, [p["speedup"] for p in points], marker="o")
-        ax2.axhline(100, color="gray", linestyle="--", linewidth=1)
-        ax2.set_xscale("log")
-        ax2.set_yscale("log")
-        ax2.set_xlabel("batches undone (%)")
-        ax2.set_ylabel("retrain time / amnesiac time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_codecs(rows: dict, path: Path, title: str) -> None:
-    plt = _plt()
-    names = list(rows)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    series = [("forgotten cls (amnesiac)", lambda r: r["amnesiac"]["test"]["forgotten"]),
-              ("retained cls (amnesiac)", lambda r: r["amnesiac"]["test"]["retained"]),
-              ("retained cls (+ fine-tune)", lambda r: r["amnesiac_finetune"]["test"]["retained"]),
-              ("disk / raw fp32", lambda r: r["storage"]["ratio"])]
-    width = 0.8 / len(series)
-    for i, (label, fn) in enumerate(series):
-        ax.bar([j + i * width for j in range(len(names))], [fn(rows[n]) for n in names], width, label=label)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def report_forget_class(res: dict, out: Path, *, paper: bool) -> str:
