@@ -58,6 +58,7 @@ def plot_methods(rows: dict, path: Path, title: str, classes: bool) -> None:
     series += [("forget-set accuracy", [_get(m, "forget_set") for m in metrics]),
                ("membership attack recall on the forget set (shadow models)",
                 [_get(m, "mia_shadow", "recall") for m in metrics])]
+    series = [(label, values) for label, values in series if not all(_missing(v) for v in values)]
     fig, ax = plt.subplots(figsize=(10, 4.2))
     grouped_bars(ax, [LABELS.get(n, n) for n in names], series, scale=100)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
@@ -73,11 +74,20 @@ def plot_methods(rows: dict, path: Path, title: str, classes: bool) -> None:
     plt.close(fig)
 
 
+def _log_ticks(axis, values, unit: str) -> None:
+    """Label a log axis at 1-2-5 steps over up to two decades, at powers of ten beyond, and no minor tick labels,
+    so that the labels never crowd."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    shown = [v for v in values if not _missing(v) and v > 0]
+    decades = math.log10(max(shown) / min(shown)) if shown else 0.0
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}{unit}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_fraction(points: list[dict], path: Path, title: str) -> None:
     """Left: test accuracy against the share of batches undone; right: how much faster than retraining."""
     plt = _plt()
-    from matplotlib.ticker import FuncFormatter, LogLocator
-    percent = FuncFormatter(lambda v, _: f"{v:g}%")
     x = [100 * p["fraction"] for p in points]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, label in (("amnesiac", "amnesiac"), ("amnesiac_finetune", "amnesiac + 1 fine-tune epoch"),
@@ -86,8 +96,7 @@ def plot_fraction(points: list[dict], path: Path, title: str) -> None:
             ax.plot(x, [100 * p[key] for p in points], marker="o", label=label)
     for a in (ax, ax2):
         a.set_xscale("log")
-        a.xaxis.set_major_locator(LogLocator(base=10, numticks=8))
-        a.xaxis.set_major_formatter(percent)
+        _log_ticks(a.xaxis, x, "%")
         a.set_xlabel("batches undone (share of all training steps)")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7, loc="lower left")
@@ -97,7 +106,7 @@ def plot_fraction(points: list[dict], path: Path, title: str) -> None:
         ax2.plot(x, [p["speedup"] for p in points], marker="o", label="retraining time / amnesiac time")
         ax2.axhline(100, color="gray", linestyle="--", linewidth=1, label="target: 100x at <= 1% undone")
         ax2.set_yscale("log")
-        ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        _log_ticks(ax2.yaxis, [p["speedup"] for p in points] + [100], "x")
         ax2.legend(fontsize=7, loc="lower left")
     else:
         ax2.text(0.5, 0.5, "not measured (no retraining in this run)", ha="center", transform=ax2.transAxes)
@@ -118,11 +127,12 @@ def plot_codecs(rows: dict, path: Path, title: str) -> None:
         ("retained classes (amnesiac)", [_get(rows[n], "amnesiac", "test", "retained") for n in names]),
         ("retained classes (+ fine-tune)", [_get(rows[n], "amnesiac_finetune", "test", "retained") for n in names])],
         scale=100)
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 125)  # room above 100% for the legend, so that it covers no bar
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("test accuracy (%)")
     ax.set_xlabel("delta codec")
     ax.set_title("accuracy after forgetting", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), ncol=3)
+    ax.legend(fontsize=7, loc="upper center", ncol=3)
     ratios = [_get(rows[n], "storage", "ratio") for n in names]
     grouped_bars(ax2, names, [("disk / raw fp32", ratios)])
     for j, r in enumerate(ratios):
