@@ -109,6 +109,8 @@ def plan_in_words(result: dict) -> str:
     'rebuilt from the initial weights plus the 3 steps kept'
     """
     if result["plan"] == "start-plus-others":
+        if not result["steps_read"]:
+            return "the initial weights: no step was kept"
         return f"rebuilt from the initial weights plus the {result['steps_read']} steps kept"
     return f"subtracted the {result['steps_read']} undone steps from the final weights"
 
@@ -124,8 +126,9 @@ def undo_warning(undone: int, total: int, method: str) -> str | None:
     if total == 0 or undone * 2 <= total:
         return None
     fine_tune = "" if method == "amnesiac-finetune" else "fine-tune afterwards (--finetune-epochs 1), "
-    return (f"warning: this undid {undone / total:.0%} of the run's steps ({undone} of {total}), so the result is "
-            f"close to the untrained initial weights: every batch held a selected sample. Remedies: {fine_tune}"
+    return (f"warning: this undid {undone / total:.0%} of the run's steps ({undone} of {total}): most batches held a "
+            "selected sample, so little of the training is left (at 100% the result is the initial weights). "
+            f"Remedies: {fine_tune}"
             "use a baseline (--method retrain or finetune), or record with few samples of the class to forget "
             "(amnesiac train --keep-class C --keep-count N, the paper's setting)")
 

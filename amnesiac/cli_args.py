@@ -42,28 +42,22 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1.
+def _int_at_least(minimum: int, wording: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {wording}, got {text}")
+        return value
+    return parse
 
-    >>> positive_int("3")
-    3
-    """
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer of at least 0.
-
-    >>> non_negative_int("0")
-    0
-    """
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+positive_int = _int_at_least(1, "a positive integer")
+positive_int.__doc__ = """An argparse type: an integer of at least 1 (``positive_int("3") == 3``)."""
+non_negative_int = _int_at_least(0, "0 or more")
+non_negative_int.__doc__ = """An argparse type: an integer of at least 0 (``non_negative_int("0") == 0``)."""
 
 
 def positive_float(text: str) -> float:
@@ -79,13 +73,6 @@ def positive_float(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
 def parse_ids(text: str, *, option: str = "ids", limit: int | None = None, what: str = "id") -> np.ndarray:

@@ -47,6 +47,8 @@ class _StopRequest:
             say("stopping after the current step (Ctrl-C again to stop at once)")
 
     def __enter__(self) -> _StopRequest:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with Ctrl-C ignored (nohup, `&`): keep it so
+            return self
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour

@@ -8,7 +8,7 @@ Example (stderr here is not a terminal, so only the summary line is printed):
     >>> import torch
     >>> meter = TrainingProgress(epochs=1, steps_per_epoch=2)
     >>> meter.step(0, torch.tensor(0.5)); meter.step(0, torch.tensor(0.25)); meter.end_epoch(0)
-    >>> meter.summary(2).startswith("trained 2 steps (1 epoch) in ")
+    >>> meter.summary(2).startswith("trained 2 steps in ")
     True
     >>> meter.close(2)  # doctest: +SKIP
 """
@@ -85,12 +85,15 @@ class TrainingProgress:
         return self.steps / max(time.perf_counter() - self.started, 1e-9)
 
     def summary(self, steps_done: int) -> str:
+        """``trained 8 steps in 0.1 s (80.0 steps/s); 2 epochs done; mean loss of the last epoch 0.4123``."""
         seconds = time.perf_counter() - self.started
         epochs_done = steps_done / max(1, self.steps_per_epoch)
         shown = f"{epochs_done:.0f} epoch{'s' if round(epochs_done) != 1 else ''}" \
             if epochs_done == int(epochs_done) else f"{epochs_done:.2f} epochs"
-        loss = f", mean loss of the last epoch {self.last_loss:.4f}" if self.last_loss == self.last_loss else ""
-        return f"trained {steps_done} steps ({shown}) in {seconds:.1f} s, {self.rate():.1f} steps/s{loss}"
+        resumed = f", continuing from step {self.start_step}" if self.start_step else ""
+        loss = f"; mean loss of the last epoch {self.last_loss:.4f}" if self.last_loss == self.last_loss else ""
+        return (f"trained {self.steps} steps in {seconds:.1f} s ({self.rate():.1f} steps/s){resumed}; {shown} "
+                f"done{loss}")
 
     def close(self, steps_done: int) -> None:
         """Clear the bar and leave the summary line."""

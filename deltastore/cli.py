@@ -35,7 +35,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    report = verify_store(DeltaStore.open(args.path), progress=not args.json)
+    # a bar only where it can be redrawn: in a log it would leave a line of clutter per refresh
+    report = verify_store(DeltaStore.open(args.path), progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(report, indent=1))
     else:
