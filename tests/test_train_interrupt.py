@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import amnesiac
@@ -82,3 +83,26 @@ def test_resume_refuses_what_cannot_be_continued(cli_run, tmp_path, capsys):
     assert "holds no run; leave out --resume" in capsys.readouterr().err
     assert amnesiac_main(["train", *OPTIONS, "--run", str(cli_run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_killed_training_resumes_from_its_last_periodic_checkpoint(cli_run, tmp_path):
+    """SIGKILL (no chance to checkpoint): --resume cuts the run back to the last --checkpoint-every checkpoint, trains
+    the lost steps again, and ends with the uninterrupted run's steps and ledger."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    argv = ["train", *OPTIONS, "--run", str(run_dir), "--checkpoint-every", "5", "--json"]
+    proc = subprocess.Popen([sys.executable, "-m", "amnesiac.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while committed_steps(run_dir) < 12 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=60)
+    killed_at = committed_steps(run_dir)
+    total = amnesiac.open_run(cli_run).num_steps
+    assert 12 <= killed_at < total and not amnesiac.open_run(run_dir).complete
+    assert amnesiac_main([*argv, "--resume"]) == 0
+    resumed, whole = amnesiac.open_run(run_dir), amnesiac.open_run(cli_run)
+    assert resumed.complete and ledger(resumed) == ledger(whole)
+    assert deltastore_main(["verify", str(run_dir)]) == 0
