@@ -37,10 +37,8 @@ def parse_ints(text: str) -> list[int]:
 
 
 def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AmnesiacError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return device
+    from .devices import resolve_device
+    return resolve_device(name)
 
 
 def cmd_demo(args) -> dict:
@@ -231,7 +229,7 @@ def cmd_experiment(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from deltastore.codecs import CODEC_NAMES
+    from deltastore import CODEC_NAMES
 
     from .data import DATASETS
     from .models import MODELS

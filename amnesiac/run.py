@@ -31,19 +31,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltastore import DeltaStore, DeltaStoreError, LayoutMismatchError, StoreNotFoundError
-from deltastore.reduce import ReduceResult, plan_unlearning, run_plan
+from deltastore import (DeltaStore, DeltaStoreError, LayoutMismatchError, ReduceResult, StoreNotFoundError,
+                        plan_unlearning, run_plan)
 
+from .devices import resolve_device
 from .errors import AmnesiacError, ModelMismatchError, RunDamagedError, RunNotFoundError, SelectionError
 
-_STRAY = (ValueError, IndexError, KeyError, RuntimeError, struct.error, OSError, OverflowError, AttributeError)
+# what malformed bytes can make the layers below raise; programming errors (AttributeError, TypeError) are not in it:
+# they are bugs, not damage, and reach the caller as they are
+_STRAY = (ValueError, IndexError, KeyError, RuntimeError, struct.error, OSError, OverflowError)
 
 
 @contextlib.contextmanager
 def _damage_is_reported(path):
     """Whatever a damaged or crafted run directory makes the layers below raise reaches the caller as one of our
-    errors: :class:`DeltaStoreError` / :class:`AmnesiacError` pass through, anything else becomes
-    :class:`RunDamagedError` (out-of-memory and interrupts excepted)."""
+    errors: :class:`DeltaStoreError` / :class:`AmnesiacError` pass through, what malformed bytes make the parsers
+    below raise becomes :class:`RunDamagedError`; out-of-memory, interrupts and programming errors pass unchanged."""
     try:
         yield
     except (DeltaStoreError, AmnesiacError, torch.OutOfMemoryError):
@@ -200,9 +203,10 @@ class Run:
     def unlearn_report(self, *, sample_ids=None, classes=None, steps=None, device: str | torch.device = "cpu",
                        progress: bool = False, **reduce_options) -> UnlearnReport:
         """Like :meth:`unlearn`, with the bookkeeping: steps undone, plan, bytes read, seconds."""
+        device = resolve_device(device)  # before anything is read: a missing GPU is not a damaged run
         undo = self._selected_steps(sample_ids, classes, steps)
         store = self.store
-        result: ReduceResult = run_plan(store, plan_unlearning(store, undo), device=torch.device(device),
+        result: ReduceResult = run_plan(store, plan_unlearning(store, undo), device=device,
                                         progress=progress, **reduce_options)
         floating = store.layout.unflatten(result.total)
         base = store.read_snapshot("final" if store.complete else "start")
