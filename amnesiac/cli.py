@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltastore import DeltaStoreError
+from deltastore import DeltaStoreError, resolve_device
 
 from .errors import AmnesiacError, SelectionError
 from .selection import Selection
@@ -36,11 +36,6 @@ def parse_ints(text: str) -> list[int]:
     return out
 
 
-def _device(name: str) -> torch.device:
-    from .devices import resolve_device
-    return resolve_device(name)
-
-
 def cmd_demo(args) -> dict:
     from .demo import format_table, run_demo
     result = run_demo(args.run, keep=args.keep, epochs=args.epochs, codec=args.codec, progress=not args.json)
@@ -54,7 +49,7 @@ def cmd_train(args) -> dict:
     from .models import build_model, model_spec
     from .recorder import Recorder
     from .training import accuracy, make_optimizer, train
-    device = _device(args.device)
+    device = resolve_device(args.device)
     bundle = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download, seed=args.seed,
                           path=args.data_path, size=args.size)
     data_spec = dict(bundle.spec)
@@ -101,7 +96,7 @@ def cmd_forget(args) -> dict:
     elif args.finetune_epochs and method != "amnesiac-finetune":
         raise AmnesiacError(f"--finetune-epochs is for amnesiac; --method {method} takes its length from --epochs")
     if method == "amnesiac":
-        report = run.unlearn_report(**selection.kwargs(), device=_device(args.device), progress=not args.json)
+        report = run.unlearn_report(**selection.kwargs(), device=resolve_device(args.device), progress=not args.json)
         state = {k: v.cpu() for k, v in report.state.items()}
         result = {"run": str(run.path), "out": str(out), "method": method, **report.summary(), "finetune_epochs": 0,
                   "finetune_seconds": 0.0, "complete_run": run.complete}
@@ -129,7 +124,7 @@ def _baseline(run, selection, method, args):
     task = UnlearnTask.from_run(run, **selection.kwargs(), download=args.download)
     options: dict = {}
     if method == "amnesiac-finetune":
-        options = {"epochs": args.finetune_epochs or args.epochs or 1, "device": str(_device(args.device))}
+        options = {"epochs": args.finetune_epochs or args.epochs or 1, "device": str(resolve_device(args.device))}
     elif method in ("finetune", "relabel", "neggrad") and args.epochs:
         options = {"epochs": args.epochs}
     elif method == "retrain" and args.epochs:

@@ -39,6 +39,3 @@ class ResumeError(AmnesiacError, ValueError):
 class RunDamagedError(AmnesiacError, ValueError):
     """A run directory is damaged or malformed in a way the storage layer did not name (its message says what)."""
 
-
-class DeviceError(AmnesiacError, RuntimeError):
-    """The requested device does not exist here (e.g. ``device="cuda"`` on a machine without CUDA)."""

@@ -31,15 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltastore import (DeltaStore, DeltaStoreError, LayoutMismatchError, ReduceResult, StepSelectionError,
-                        StoreNotFoundError, plan_unlearning, run_plan)
+from deltastore import (PROGRAMMING_ERRORS, DeltaStore, DeltaStoreError, LayoutMismatchError, ReduceResult,
+                        StepSelectionError, StoreNotFoundError, plan_unlearning, resolve_device, run_plan)
 
-from .devices import resolve_device
 from .errors import AmnesiacError, ModelMismatchError, RunDamagedError, RunNotFoundError, SelectionError
 from .selection import Selection
 
-# what malformed bytes can make the layers below raise; programming errors (AttributeError, TypeError) are not in it:
-# they are bugs, not damage, and reach the caller as they are
+# what malformed bytes can make the parsers below raise; programming errors (deltastore.PROGRAMMING_ERRORS:
+# AttributeError, TypeError...) are bugs, not damage, and reach the caller as they are
 _STRAY = (ValueError, IndexError, KeyError, RuntimeError, struct.error, OSError, OverflowError)
 
 
@@ -50,7 +49,7 @@ def _damage_is_reported(path):
     below raise becomes :class:`RunDamagedError`; out-of-memory, interrupts and programming errors pass unchanged."""
     try:
         yield
-    except (DeltaStoreError, AmnesiacError, torch.OutOfMemoryError):
+    except (DeltaStoreError, AmnesiacError, torch.OutOfMemoryError, *PROGRAMMING_ERRORS):
         raise
     except _STRAY as e:
         raise RunDamagedError(f"{path} is damaged or malformed ({type(e).__name__}: {str(e)[:300]}); run "
@@ -196,7 +195,7 @@ class Run:
     def unlearn_report(self, *, sample_ids=None, classes=None, steps=None, device: str | torch.device = "cpu",
                        progress: bool = False, **reduce_options) -> UnlearnReport:
         """Like :meth:`unlearn`, with the bookkeeping: steps undone, plan, bytes read, seconds."""
-        device = resolve_device(device)  # before anything is read: a missing GPU is not a damaged run
+        device = resolve_device(device)  # DeviceUnavailableError before anything is read: not a damaged run
         undo = self._steps_of(Selection.of(sample_ids=sample_ids, classes=classes, steps=steps))
         store = self.store
         result: ReduceResult = run_plan(store, plan_unlearning(store, undo), device=device,

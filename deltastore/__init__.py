@@ -7,9 +7,10 @@ implementation.
 """
 
 from .codecs import CODEC_NAMES, Codec, parse_codec
-from .errors import (CorruptionError, DeltaStoreError, FormatError, InvalidArgumentError, LayoutMismatchError,
-                     ReadOnlyError, StepSelectionError, StoreExistsError, StoreLockedError, StoreNotFoundError,
-                     UnknownCodecError, WriterError)
+from .devices import resolve_device
+from .errors import (PROGRAMMING_ERRORS, CorruptionError, DeltaStoreError, DeviceUnavailableError, FormatError,
+                     InvalidArgumentError, LayoutMismatchError, ReadOnlyError, StepSelectionError, StoreExistsError,
+                     StoreLockedError, StoreNotFoundError, UnknownCodecError, WriterError)
 from .fileio import (MAX_SAFETENSORS_HEADER, atomic_write_bytes, crc32c, parse_safetensors, read_safetensors_file,
                      tensor_crc32c)
 from .layout import TensorLayout
@@ -19,9 +20,10 @@ from .store import DeltaStore
 from .verify import Reconstruction, check_state_at, reconstruction, verify_store
 from .writer import DEFAULT_BUFFER_BYTES, AsyncStepWriter
 
-__all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "FormatError",
-           "InvalidArgumentError", "LayoutMismatchError", "ReadOnlyError", "StepSelectionError", "StoreExistsError",
-           "StoreLockedError", "StoreNotFoundError", "TensorLayout", "UnknownCodecError", "WriterError", "parse_codec",
+__all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "DeviceUnavailableError",
+           "FormatError", "InvalidArgumentError", "LayoutMismatchError", "PROGRAMMING_ERRORS", "ReadOnlyError",
+           "StepSelectionError", "StoreExistsError", "StoreLockedError", "StoreNotFoundError", "TensorLayout",
+           "UnknownCodecError", "WriterError", "parse_codec", "resolve_device",
            # reading and writing files the way the store does (amnesiac's checkpoints use them)
            "MAX_SAFETENSORS_HEADER", "atomic_write_bytes", "crc32c", "parse_safetensors", "read_safetensors_file",
            "tensor_crc32c", "log_tail_crc32c", "RaggedField",

@@ -112,10 +112,8 @@ def load_bundle(s: dict) -> tuple[DataBundle, dict]:
     """The setting's data, reduced as it says, and the data spec stored in the run (so `amnesiac forget/eval`
     reload the same data)."""
     if s["dataset"] == "npz" and not Path(s["data_path"] or "").is_file():
-        if s["data_path"] and not Path(s["data_path"]).is_absolute():
-            raise SkipSetting(f"data file {s['data_path']} was not found: name the folder holding it with --data-dir "
-                              f"or the {DATA_ENV} environment variable")
-        raise SkipSetting(f"data file {s['data_path']} is missing")
+        raise SkipSetting(f"data file {s['data_path']} is missing (relative data paths are found in the folder named "
+                          f"by --data-dir or the {DATA_ENV} environment variable)")
     try:
         bundle = load_dataset(s["dataset"], data_dir=s["data_dir"], download=s["download"], seed=s["seed"],
                               path=s["data_path"], size=s["size"])
