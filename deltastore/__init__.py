@@ -6,7 +6,7 @@ Everything a user of the store (``amnesiac`` included) may rely on is listed in 
 implementation.
 """
 
-from .codecs import CODEC_NAMES, Codec, parse_codec
+from .codecs import CODEC_NAMES, Codec, Encoder, StreamSpec, parse_codec, register_codec
 from .devices import resolve_device
 from .errors import (PROGRAMMING_ERRORS, CorruptionError, DeltaStoreError, DeviceUnavailableError, FormatError,
                      InvalidArgumentError, LayoutMismatchError, ReadOnlyError, StepSelectionError, StoreExistsError,
@@ -24,6 +24,8 @@ __all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreE
            "FormatError", "InvalidArgumentError", "LayoutMismatchError", "PROGRAMMING_ERRORS", "ReadOnlyError",
            "StepSelectionError", "StoreExistsError", "StoreLockedError", "StoreNotFoundError", "TensorLayout",
            "UnknownCodecError", "WriterError", "parse_codec", "resolve_device",
+           # codecs: one class per codec, registered by name
+           "Encoder", "StreamSpec", "register_codec",
            # reading and writing files the way the store does (amnesiac's checkpoints use them)
            "MAX_SAFETENSORS_HEADER", "atomic_write_bytes", "crc32c", "parse_safetensors", "read_safetensors_file",
            "tensor_crc32c", "log_tail_crc32c", "RaggedField",
