@@ -11,10 +11,10 @@ import numpy as np
 from deltastore import DeltaStoreError
 
 from .cli_args import UsageError, check_weights_file, note, parse_device, parse_ids
-from .cli_parser import EXPERIMENT_NAMES, METHOD_NAMES  # noqa: F401 - names the command line has always exported
 from .cli_parser import build_parser as _build_parser
 from .cli_train import TrainingInterrupted, cmd_train, interrupted_exit
 from .errors import AmnesiacError, SelectionError
+from .setting import TrainingSetting
 from .progress import interactive
 
 
@@ -141,11 +141,8 @@ def incomplete_notice(run) -> str:
 def _baseline(run, selection, method, args, device):
     """Every --method but plain amnesiac: needs the model and data description `amnesiac train` stores."""
     from .baselines import UnlearnTask, run_method
-    spec = run.spec
-    if not spec.get("model_spec"):
-        raise AmnesiacError(f"--method {method} (or --finetune-epochs) needs the model and data description that "
-                            "`amnesiac train` stores; this run was recorded from Python: use amnesiac.baselines there")
-    task = UnlearnTask.from_run(run, **{k: v for k, v in selection.items() if v is not None}, download=args.download)
+    TrainingSetting.of_run(run).require_model(f"--method {method} (or --finetune-epochs)")
+    task = UnlearnTask.from_run(run, **selection, download=args.download)
     options: dict = {}
     if method == "amnesiac-finetune":
         options = {"epochs": args.finetune_epochs or args.epochs or 1, "device": str(device)}
@@ -178,12 +175,10 @@ def cmd_eval(args) -> dict:
     if args.reference:
         check_weights_file(args.reference, "--reference")
     run = open_run(args.run)
-    spec = run.spec
-    if not spec.get("model_spec"):
-        raise AmnesiacError("this run holds no model description (it was not recorded by `amnesiac train`); "
-                            "evaluate it from Python with amnesiac.training.accuracy and amnesiac.evaluation")
-    bundle = bundle_from_spec(spec.get("extra", {}).get("data", {}), download=args.download)
-    model = build_model(spec["model_spec"])
+    setting = TrainingSetting.of_run(run)
+    model = build_model(setting.require_model("amnesiac eval (otherwise evaluate from Python with "
+                                              "amnesiac.training.accuracy and amnesiac.evaluation)"))
+    bundle = bundle_from_spec(setting.data, download=args.download)
     state = load_file(args.weights) if args.weights else run.final_state()
     run.load_into(model, state)
     forget = parse_ids(args.forget_classes, option="--forget-classes", what="class",
@@ -252,7 +247,7 @@ def _f(x, digits: int = 3) -> str:
 def cmd_experiment(args) -> dict:
     from .experiments import run_experiment
     result = run_experiment(args.name, config=args.config, out=args.out, smoke=args.smoke, keep_runs=args.keep_runs,
-                            quiet=args.json)
+                            quiet=args.json, data_dir=args.data_dir)
     if not args.json:
         print(Path(result["report"]).read_text())
         print(f"wrote {result['out']}/ (report.md, results.json, plots)")

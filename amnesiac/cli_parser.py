@@ -6,17 +6,17 @@ import argparse
 
 from .cli_args import OneLineParser, non_negative_int, positive_float, positive_int
 
-METHOD_NAMES = ("amnesiac", "amnesiac-finetune", "retrain", "finetune", "relabel", "neggrad")
-EXPERIMENT_NAMES = ("mnist", "cifar100", "samples", "fraction", "codecs")
 EPILOG = "Errors exit with status 2 and one line naming the remedy; nothing is written on bad input."
 IDS = "IDS: 1,2,5-9 or @FILE (ids separated by commas, spaces or newlines)."
 
 
 def build_parser(commands: dict) -> argparse.ArgumentParser:
     """The parser; ``commands`` maps each subcommand's name to the function that runs it."""
-    from deltastore.codecs import CODEC_NAMES
+    from deltastore import CODEC_NAMES
 
+    from .baselines import METHODS  # method and experiment names are defined once, where they are implemented
     from .data import DATASETS
+    from .experiments import EXPERIMENTS
     from .models import MODELS
     codecs = ", ".join(CODEC_NAMES)
     p = OneLineParser(prog="amnesiac", description="Record PyTorch training runs and forget training samples by "
@@ -62,7 +62,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                    help="samples of --keep-class kept (default 100)")
     t.add_argument("--size", type=positive_int, default=2000, help="samples of the synthetic data set (default "
                    "2000)")
-    t.add_argument("--data-dir", help="torchvision data folder for mnist and cifar100 (default ./data)")
+    t.add_argument("--data-dir", help="data folder: torchvision's copies (mnist, cifar100), and where a relative "
+                   "--data-path is found if not in the working directory (default: $AMNESIAC_DATA, else ./data)")
     t.add_argument("--data-path", help="the .npz file (arrays images, labels) for --dataset npz (no default)")
     t.add_argument("--download", action="store_true", help="let torchvision download mnist/cifar100 (default: "
                    "offline)")
@@ -80,7 +81,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     sel.add_argument("--steps", metavar="IDS", help=f"steps to undo, numbered from 0 {one}")
     f.add_argument("--out", required=True, help="the FILE.safetensors to write (required)")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
-    f.add_argument("--method", default="amnesiac", choices=METHOD_NAMES,
+    f.add_argument("--method", default="amnesiac", choices=list(METHODS),
                    help="amnesiac (default: undo the steps), amnesiac-finetune, or a baseline: retrain (from the "
                    "run's initial weights), finetune (on the retained data), relabel (random wrong labels for the "
                    "forget set), neggrad (gradient ascent on the forget set); all but amnesiac need the run's data")
@@ -116,8 +117,11 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="run one of the paper's experiments and write a report with plots",
                        description="Run an experiment with every hyper-parameter and seed from a config file and "
                        "write results.json, report.md and PNG plots into OUT/NAME.", epilog=EPILOG)
-    x.add_argument("name", choices=EXPERIMENT_NAMES, help="the experiment")
-    x.add_argument("--config", help="JSON or TOML config (default: the packaged config of NAME)")
+    x.add_argument("name", choices=list(EXPERIMENTS), help="the experiment")
+    x.add_argument("--config", help="JSON or TOML config FILE, or the name of a packaged config such as "
+                   "mnist_resnet18 (default: the packaged NAME config)")
+    x.add_argument("--data-dir", help="folder where the config's relative data paths (mnist10k.npz) are found "
+                   "(default: $AMNESIAC_DATA; settings whose data is missing are skipped and reported)")
     x.add_argument("--out", default="runs/experiments", help="output folder (default runs/experiments)")
     x.add_argument("--smoke", action="store_true", help="a tiny version (seconds): the config's smoke overrides "
                    "(default: the full experiment)")

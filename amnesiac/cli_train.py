@@ -72,6 +72,7 @@ def cmd_train(args) -> dict:
     from .data import load_dataset
     from .models import build_model, model_spec
     from .recorder import Recorder
+    from .setting import TrainingSetting
     from .training import accuracy, make_optimizer, train
     device = parse_device(args.device)
     run_dir = Path(args.run)
@@ -97,9 +98,11 @@ def cmd_train(args) -> dict:
     if args.resume:
         rec = Recorder(model, opt, run_dir, resume=True, checkpoint=checkpoint)
     else:
-        extra = {"data": data_spec, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
-                 "epochs": args.epochs, "seed": args.seed, "train_options": options}
-        rec = Recorder(model, opt, run_dir, codec=args.codec, backend=args.backend, model_spec=spec, extra=extra)
+        setting = TrainingSetting(model_spec=spec, data=data_spec, optimizer=args.optimizer, lr=args.lr,
+                                  batch_size=args.batch_size, epochs=args.epochs, seed=args.seed)
+        stored = setting.recorder_options()
+        stored["extra"]["train_options"] = options  # what --resume checks it is given again
+        rec = Recorder(model, opt, run_dir, codec=args.codec, backend=args.backend, **stored)
     steps_per_epoch = math.ceil(len(bundle.train) / args.batch_size)
     total = args.epochs * steps_per_epoch
     resumed_at = rec.steps_submitted
