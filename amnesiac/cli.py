@@ -15,7 +15,7 @@ from deltastore import DeltaStoreError
 from .errors import AmnesiacError, SelectionError
 
 METHOD_NAMES = ("amnesiac", "amnesiac-finetune", "retrain", "finetune", "relabel", "neggrad")
-EXPERIMENT_NAMES = ("mnist", "cifar100", "samples", "fraction", "codecs")
+EXPERIMENT_NAMES = ("mnist", "cifar100", "samples", "fraction", "codecs", "seeds", "ulira")
 EPILOG = "Errors exit with status 2 and one line naming the remedy; nothing is written on bad input."
 
 
