@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .data import IndexedDataset
-from .mia import ShadowAttack, attack_features
+from .mia import ShadowAttack
 from .training import per_sample_loss, predict
 
 
@@ -169,7 +169,7 @@ def fit_population_attack(task, split: HeldOutSplit, *, shadows: int = 4, classi
     seed = task.seed if seed is None else seed
     pool = _concat(task.retained, split.validation)
     target_steps = task.epochs * math.ceil(len(task.train_set) / task.batch_size)
-    feats, labels, member, accs = [], [], [], []
+    models, masks = [], []
     for k, inside in enumerate(shadow_training_sets(task.train_set, pool, shadows=shadows, seed=seed)):
         data = pool.subset(inside)
         per_epoch = math.ceil(len(data) / task.batch_size)
@@ -178,20 +178,11 @@ def fit_population_attack(task, split: HeldOutSplit, *, shadows: int = 4, classi
         model = build_model(task.model_spec)
         train(model, make_optimizer(model, task.optimizer, task.lr), data, epochs=epochs,
               batch_size=task.batch_size, seed=seed + 1000 + k)
-        logits = predict(model, pool)
-        accs.append((logits.argmax(1) == pool.labels)[~inside].float().mean().item())
-        feats.append(attack_features(logits))
-        labels.append(pool.labels.numpy())
-        member.append(inside.numpy())
-    x, y, m = np.concatenate(feats), np.concatenate(labels), np.concatenate(member)
-    attackers: dict[int, object] = {}
-    for c in range(int(task.model_spec["num_classes"])):
-        rows = y == c
-        if rows.sum() == 0 or len(np.unique(m[rows])) < 2:
-            attackers[c] = 0.5  # no evidence either way: the attack cannot tell, and says so with 0.5
-            continue
-        attackers[c] = _balanced_classifier(classifier, seed).fit(x[rows], m[rows])
-    return ShadowAttack(attackers, int(task.model_spec["num_classes"]), float(np.mean(accs)))
+        models.append(model)
+        masks.append(inside)
+    # a class without both kinds of rows gets 0.5: no evidence either way, and the attack says so
+    return ShadowAttack.from_shadows(pool, models, masks, num_classes=int(task.model_spec["num_classes"]),
+                                     make_classifier=lambda: _balanced_classifier(classifier, seed), empty=0.5)
 
 
 def _concat(a: IndexedDataset, b: IndexedDataset) -> IndexedDataset:

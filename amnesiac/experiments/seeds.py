@@ -28,7 +28,6 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..attacks import fit_population_attack, held_out_split
 from ..baselines import UnlearnTask, run_method

@@ -41,7 +41,7 @@ from ..baselines import UnlearnTask, run_method
 from ..data import DataBundle, IndexedDataset
 from ..models import build_model
 from ..training import accuracy, make_optimizer, predict, train
-from .common import SkipSetting, load_bundle, spec_of, train_target
+from .common import spec_of, train_target
 
 ORDER = ["original", "amnesiac", "amnesiac-finetune", "finetune", "relabel", "neggrad", "retrain-control"]
 
@@ -176,15 +176,9 @@ def _mean_ci(values: list[float]) -> dict:
 
 def ulira(cfg: dict, out: Path, log) -> dict:
     """The experiment runner (see the module docstring)."""
+    from .runners import _settings
     results = {"experiment": cfg["name"], "settings": {}, "skipped": {}}
-    for s in cfg["settings"]:
-        name = s.get("name") or s["dataset"]
-        try:
-            bundle, data_spec = load_bundle(s)
-        except SkipSetting as e:
-            results["skipped"][name] = str(e)
-            log(f"[{name}] skipped: {e}")
-            continue
+    for name, s, bundle, data_spec in _settings(cfg, results, log):
         results["settings"][name] = _setting(name, s, cfg, bundle, data_spec, out, log)
     return results
 
