@@ -44,20 +44,6 @@ def test_drop_page_cache_counts_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_seeds_smoke(tmp_path):
-    from amnesiac.cli import main
-    assert main(["experiment", "seeds", "--smoke", "--out", str(tmp_path), "--json"]) == 0
-    r = json.loads((tmp_path / "seeds" / "results.json").read_text())["settings"]["digits-smoke"]
-    assert len(r["replicates"]) == 2 and r["replicates"][0]["ensemble_size"] == 3
-    table = r["summary"]["table"]
-    assert {"original", "retrain", "amnesiac", "amnesiac-finetune", "neggrad"} <= set(table)
-    t = r["replicates"][0]["timing"]
-    assert len(t["amnesiac_seconds"]) == 3 and len(t["retrain_seconds"]) == 3
-    assert "mia_shadow" in r["replicates"][0]["metrics"]["amnesiac"]
-    assert "auc_ci95" in r["replicates"][0]["metrics"]["amnesiac"]["mia_shadow"]
-
-
-@pytest.mark.slow
 @pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 def test_seeds_fashion_mnist_smoke(tmp_path):

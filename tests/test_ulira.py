@@ -1,8 +1,6 @@
-"""U-LiRA: the per-example game on synthetic scores with known answers, and the experiment's smoke run."""
+"""U-LiRA: the per-example game on synthetic scores with known answers (the smoke run is in test_experiments)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import torch
@@ -34,14 +32,3 @@ def test_exact_unlearning_scores_about_half_and_leaky_unlearning_scores_high():
 def test_logit_confidence_is_stable_for_confident_logits():
     phi = logit_confidence(torch.tensor([[60.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([0, 2]))
     assert abs(phi[0].item() - (60 - np.log(2))) < 1e-4 and abs(phi[1].item() - np.log(1 / 2)) < 1e-6
-
-
-def test_ulira_smoke_writes_results(tmp_path):
-    from amnesiac.cli import main
-    assert main(["experiment", "ulira", "--smoke", "--out", str(tmp_path), "--json"]) == 0
-    results = json.loads((tmp_path / "ulira" / "results.json").read_text())
-    r = results["settings"]["digits-smoke"]
-    assert r["shadow_runs"] >= 4 and set(r["attack"]) >= {"original", "amnesiac", "amnesiac-finetune",
-                                                          "retrain-control", "neggrad", "relabel", "finetune"}
-    assert (tmp_path / "ulira" / "report.md").read_text().count("U-LiRA accuracy") == 1
-    assert not (tmp_path / "ulira" / "runs").exists()  # the shadow runs are deleted

@@ -24,7 +24,8 @@ def fmt(d: dict | None, percent: bool, bounded: bool = True) -> str:
 
 
 def report_seeds(results: dict, out: Path) -> str:
-    lines = ["# Forgetting a class: controls, seeds, a retraining ensemble, intervals", "",
+    lines = [f"# Experiment `{results['experiment']}`: forgetting a class with controls, seeds, a retraining "
+             "ensemble and intervals", "",
              "Every cell: mean [95% t-interval] over the replicates (training seeds x forget draws); accuracies "
              "in %. \"in band\": share of samples whose loss lies in the 2.5-97.5% band of the retraining "
              "ensemble (for retraining itself: leave-one-out). Verdicts are equivalence tests: the interval of "
@@ -53,6 +54,8 @@ def report_seeds(results: dict, out: Path) -> str:
         margins = ["margin"] + [_margin(summ["margins"].get(k) if not k.endswith("band") else 0.05, pct)
                                 for k, _, pct in COLUMNS]
         lines += [table(["method"] + [c[1] for c in COLUMNS], vrows + [margins]), ""]
+        _plot(name, summ, out / f"seeds-{name}.png")
+        lines += [f"![{name}](seeds-{name}.png)", ""]
         t = summ["timing"]
         cold = "cold page cache (posix_fadvise DONTNEED)" if rep0["timing"]["cold_cache"] else "warm cache"
         f = (lambda k: fmt(t[k], False, False))  # noqa: E731 - seconds and counts: no [0, 1] bounds
@@ -62,6 +65,29 @@ def report_seeds(results: dict, out: Path) -> str:
                   f"{f('recording_overhead_seconds')} s per training run, so recording pays off after "
                   f"{f('break_even_requests')} unlearning requests.", ""]
     return "\n".join(lines)
+
+
+def _plot(name: str, summ: dict, path: Path) -> None:
+    """Retained-class accuracy and the forget set's in-band share per method, with their intervals."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = list(summ["table"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for ax, key, title in ((axes[0], "retained", "test accuracy, retained classes"),
+                           (axes[1], "forget_in_band", "forget samples in retraining's 95% band")):
+        cells = [summ["table"][m][key] for m in methods]
+        mean = [c["mean"] if c["mean"] is not None else float("nan") for c in cells]
+        err = [[(c["mean"] - c["ci95"][0]) if c.get("ci95") else 0 for c in cells],
+               [(c["ci95"][1] - c["mean"]) if c.get("ci95") else 0 for c in cells]]
+        ax.barh(range(len(methods)), mean, xerr=err, color="#4c72b0")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(0, 1)
+    axes[0].set_yticks(range(len(methods)), [LABELS.get(m, m) for m in methods], fontsize=8)
+    fig.suptitle(name, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _margin(m: float | None, percent: bool) -> str:

@@ -221,7 +221,8 @@ def _setting(name: str, s: dict, cfg: dict, bundle: DataBundle, data_spec: dict,
 def report_ulira(results: dict, out: Path) -> str:
     """Markdown tables and one plot (attack accuracy per method with its interval)."""
     from .report import LABELS, num, pct, table
-    lines = ["# U-LiRA: can an attacker tell the unlearned model from a retrained one?", "",
+    lines = [f"# Experiment `{results['experiment']}`: U-LiRA, can an attacker tell the unlearned model from a "
+             "retrained one?", "",
              "Per-example likelihood-ratio attack (Hayes et al., 2024). Accuracy 50% is ideal (indistinguishable "
              "from retraining); TPR at low FPR shows whether *some* examples are exposed. Intervals: 95%, bootstrap "
              "over examples (attack) or normal over runs (accuracy).", ""]
