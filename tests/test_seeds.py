@@ -48,8 +48,7 @@ def test_drop_page_cache_counts_files(tmp_path):
                     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 def test_seeds_fashion_mnist_smoke(tmp_path):
     from amnesiac.cli import main
-    from amnesiac.experiments.common import CONFIG_DIR
-    assert main(["experiment", "seeds", "--config", str(CONFIG_DIR / "seeds_fashion_mnist.json"), "--smoke", "--out",
+    assert main(["experiment", "seeds", "--config", "seeds_fashion_mnist", "--smoke", "--out",
                  str(tmp_path), "--json"]) == 0
     r = json.loads((tmp_path / "seeds" / "results.json").read_text())
     assert "fashion-mnist-smoke" in r["settings"], r["skipped"]

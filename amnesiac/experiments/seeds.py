@@ -93,14 +93,14 @@ def _replicate(s: dict, cfg: dict, bundle: DataBundle, data_spec: dict, seed: in
     # interleaved, cold-cache repeats: amnesiac, retrain member i, amnesiac, ...; the members are the ensemble
     am_times, rt_times, ensemble = [], [], []
     for i in range(int(cfg["retrain_ensemble"])):
-        sec, am_state = amnesiac_end_to_end(run_dir, task.selection, out / "amnesiac.safetensors")
+        sec, am_state = amnesiac_end_to_end(run_dir, task.selection.kwargs(), out / "amnesiac.safetensors")
         am_times.append(sec)
         sec, state = retrain_end_to_end(run_dir, task, init_seed=None if i == 0 else 50_000 + 97 * seed + i,
                                         order_seed=seed + 100 * i, out=out / "retrain.safetensors")
         rt_times.append(sec)
         ensemble.append(state)
     for _ in range(max(0, int(cfg.get("timing_repeats", 5)) - len(am_times))):
-        am_times.append(amnesiac_end_to_end(run_dir, task.selection, out / "amnesiac.safetensors")[0])
+        am_times.append(amnesiac_end_to_end(run_dir, task.selection.kwargs(), out / "amnesiac.safetensors")[0])
     val_same = split.validation.only_classes([target])
     stop_at = float(np.mean([accuracy(task.model(e), val_same)["overall"] for e in ensemble]))
     states, seconds = {"original": run.final_state(), "amnesiac": am_state}, {"amnesiac": statistics.median(am_times)}
