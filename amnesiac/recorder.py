@@ -48,6 +48,7 @@ from deltastore.fileio import atomic_write_bytes, crc32c, read_regular_file
 from deltastore.writer import DEFAULT_BUFFER_BYTES, AsyncStepWriter
 
 from .errors import ModelMismatchError, RecorderError, ResumeError, RunExistsError, RunNotFoundError
+from .loops import StepTrigger, as_optimizers, check_dtypes, recorded_state, unwrap_model
 
 RUN_FORMAT = 1
 CHECKPOINT_FORMAT = 1
@@ -77,6 +78,13 @@ class Recorder:
         durable: fsync each step before committing it (survives power loss, not only a killed process).
         slots, max_buffer_bytes: the host ring buffer between the training thread and the writer thread.
         model_spec: JSON describing how to rebuild the model (used by the command line); free for the caller.
+        record_on: with several optimizers stepping one model (a list as ``optimizer``), the one whose step ends
+            a recorded step (the optimizer or its index; the last one by default): one recorded step per iteration.
+        scaler: the ``torch.amp.GradScaler`` of an AMP loop: a step it skips (inf/NaN gradients) records nothing,
+            and the samples declared for it are dropped (that step changed nothing), not charged to the next one.
+        process_group: under ``torch.distributed`` (DDP or FSDP2, see :mod:`amnesiac.distributed`) every rank
+            constructs the Recorder with the same ``run_dir``; ``"auto"`` uses the default group when it has more
+            than one rank, ``None`` records as one process.
         resume: continue an incomplete run (one left by a crash, or closed with ``finalize=False``) instead of
             creating one. ``codec``, ``backend``, ``chunk_elems`` and ``durable`` are then the run's own.
         checkpoint: with ``resume``, a file written by :meth:`checkpoint`: the model and optimizer are loaded from
@@ -94,8 +102,10 @@ class Recorder:
                  codec: str = "fp32", backend: str = "zarr", chunk_elems: int = 1 << 20, durable: bool = True,
                  slots: int | None = None, max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  model_spec: dict | None = None, extra: dict | None = None, resume: bool = False,
-                 checkpoint: str | Path | None = None):
+                 checkpoint: str | Path | None = None, record_on=None, scaler=None, process_group="auto"):
         self.model, self.optimizer = model, optimizer
+        self._module = unwrap_model(model)  # DDP / torch.compile wrappers: store the plain module's names
+        optimizers = as_optimizers(optimizer)
         self.epoch = 0  # stored with every step; set it from the training loop if you like
         residual = None
         if checkpoint is not None and not resume:
@@ -107,10 +117,10 @@ class Recorder:
             except BaseException:
                 self.store.close()
                 raise
-            state = model.state_dict()
+            state = self._state()
         else:
-            state = model.state_dict()
-            attrs = {"amnesiac": {"format": RUN_FORMAT, "model_class": type(model).__qualname__,
+            state = self._state()
+            attrs = {"amnesiac": {"format": RUN_FORMAT, "model_class": type(self._module).__qualname__,
                                   "model_spec": model_spec, "extra": extra or {}}}
             try:
                 self.store = DeltaStore.create(run_dir, state, codec=codec, backend=backend,
@@ -130,19 +140,35 @@ class Recorder:
         self._ids: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._closed = False
-        self._hook = optimizer.register_step_post_hook(self._on_step)
+        self._dtypes = {e.name: state[e.name].dtype for e in self.layout.entries}
+        self._trigger = StepTrigger(optimizers, self._record_step, self._drop_pending, record_on=record_on,
+                                    scaler=scaler)
+
+    def __new__(cls, model=None, *args, process_group="auto", **kwargs):
+        if cls is Recorder:  # under torch.distributed every rank gets the distributed recorder
+            from .distributed import recorder_class
+            cls = recorder_class(process_group)
+        return super().__new__(cls)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        """The tensors recorded: the unwrapped module's state_dict (see :func:`amnesiac.loops.recorded_state`)."""
+        return recorded_state(self._module)
+
+    def _drop_pending(self) -> None:
+        """The step the declared samples were for was skipped (a GradScaler found inf/NaN): they trained nothing."""
+        self._ids, self._labels = [], []
 
     # ------------------------------------------------------------ resuming
     def _resume(self, checkpoint) -> torch.Tensor | None:
         """Load the checkpoint (if any), check the model is at a committed step, cut the run back to it."""
         store = self.store
         try:
-            store.layout.check(self.model.state_dict())
+            store.layout.check(self._state())
         except LayoutMismatchError as e:
             raise ModelMismatchError(f"cannot resume {store.path}: {e}") from None
         residual = None
         if checkpoint is not None:
-            info = load_checkpoint(checkpoint, self.model, self.optimizer, _for_store=store)
+            info = load_checkpoint(checkpoint, self._module, self.optimizer, _for_store=store)
             step, residual, self.epoch = info["step"], info.get("residual"), info["epoch"]
         else:
             if store.codec.lossy:
@@ -150,7 +176,7 @@ class Recorder:
                                   "residual is kept only in checkpoints: resume with checkpoint=<a file written "
                                   "by Recorder.checkpoint>")
             step = store.num_steps
-        _check_state_at(store, self.model.state_dict(), step, residual)
+        _check_state_at(store, self._state(), step, residual)
         store.truncate(step)
         return residual
 
@@ -169,7 +195,7 @@ class Recorder:
         self._writer.flush()
         store = self.store
         step, log_bytes = store.num_steps, store.commit_record["log_bytes"]
-        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        tensors = {f"model/{k}": v for k, v in self._module.state_dict().items()}
         optim = _optimizer_to_tensors(self.optimizer, tensors)
         if self._encoder.residual is not None:
             tensors["recorder/residual"] = self._encoder.residual
@@ -211,12 +237,10 @@ class Recorder:
         if labels is not None:
             self._labels.append(labels)
 
-    def _on_step(self, optimizer, args, kwargs) -> None:
-        self._record_step()
-
     def _record_step(self) -> None:
         """Record ``S_now - S_prev`` as the next step, with the ids declared since the previous one."""
-        state = self.model.state_dict()
+        state = self._state()
+        check_dtypes(state, self._dtypes, self.steps_submitted)
         self._writer.wait_copy_done()  # the delta buffer is still being copied out for the previous step
         with torch.no_grad():
             for e in self.layout.entries:
@@ -242,7 +266,8 @@ class Recorder:
         and both unlearning plans keep agreeing. Ids declared for a step that never came are not recorded."""
         if self._writer.failed:
             return
-        state = self.model.state_dict()
+        state = self._state()
+        check_dtypes(state, self._dtypes, self.steps_submitted)
         now = self.layout.flatten(state, out=torch.empty_like(self._prev))
         if torch.equal(now, self._prev):
             return
@@ -266,7 +291,7 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        self._hook.remove()
+        self._trigger.remove()
         try:
             already_told = self._writer.failed and getattr(self._writer, "_error_raised", True)
             if finalize and not self._writer.failed:
@@ -288,7 +313,7 @@ class Recorder:
                                     "remain usable. Resume it from a checkpoint to record the rest.")
             if finalize:
                 residual = self._encoder.residual
-                self.store.finalize(self.model.state_dict(), residual)
+                self.store.finalize(self._state(), residual)
         finally:
             self.store.close()
 
