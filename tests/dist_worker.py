@@ -67,8 +67,10 @@ def train(model, opt, rec, rank: int, world: int, no_sync=None, fail_at: int | N
         except Exception as e:  # noqa: BLE001 - reported to the test
             raised.append([step, type(e).__name__, str(e)[:300]])
             break
-        if fail_at is not None and step == fail_at and rec.store is not None:
-            _break_writer(rec)
+        if fail_at is not None and step in (fail_at - 1, fail_at) and rec.store is not None:
+            rec._writer._work.join()  # rank 0 only: let the writer finish (or fail) what it holds, so the test is
+            if step == fail_at - 1:   # deterministic; the other rank waits for it in the next step's exchange
+                _break_writer(rec)
     return raised
 
 
