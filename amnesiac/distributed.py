@@ -10,9 +10,8 @@ per optimizer step), never through files:
   module's names; the other ranks never touch the disk. A run recorded this way is an ordinary run directory.
 - **FSDP2** (``fully_shard``: parameters are DTensors sharded along a dimension): each rank records the delta of its
   own local shard into ``run_dir/rank-NNNNN`` (an ordinary delta store) and nothing is gathered while training;
-  rank 0 also keeps the ledger and the replicated tensors (buffers), and writes ``run_dir/sharding.json``, which
-  says how to put the shards back together. ``amnesiac.open_run(run_dir)`` in one process then returns full tensors
-  (see :mod:`amnesiac.sharded`).
+  rank 0 also keeps the ledger, the replicated tensors (buffers) and the description of how the shards go back
+  together. ``amnesiac.open_run(run_dir)`` in one process then returns full tensors (see :mod:`amnesiac.sharded`).
 - The same step exchange carries a status flag: a writer failure on any rank is raised on every rank at the next
   step (or ``flush`` / ``close``), so no rank is left waiting in a collective. ``flush``, ``checkpoint`` and
   ``close`` are collective: every rank calls them.
@@ -24,6 +23,7 @@ works on the device of its own model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from deltastore import TensorLayout, WriterError
 from .errors import RecorderError, RunExistsError
 from .loops import StepTrigger, as_optimizers, check_dtypes, is_sharded, recorded_state, unwrap_model
 from .recorder import Recorder
-from .sharded import SHARDING_FILE, shard_dir, sharding_description, write_sharding
+from .sharded import local_description, shard_dir, sharding_attrs
 
 _MAX_MESSAGE = 2000
 
@@ -148,14 +148,13 @@ class DistributedRecorder(Recorder):
             if resume or checkpoint is not None:
                 raise RecorderError("resuming an FSDP2 run is not supported yet: record into a new directory "
                                     "(checkpoint the model and optimizer with torch.distributed.checkpoint)")
+            mine = peers.run(lambda: json.dumps(local_description(unwrap_model(model).state_dict(), peers.rank)),
+                             "describing the sharding")
+            parts = [json.loads(p) for p in peers.all_gather_bytes(mine.encode())]
+            self._sharding = peers.run(lambda: sharding_attrs(parts, peers.rank), "describing the sharding")
             peers.run(lambda: _claim(self._top_dir) if peers.rank == 0 else None, "creating the run directory")
             peers.run(lambda: Recorder.__init__(self, model, optimizer, shard_dir(self._top_dir, peers.rank),
                                                 **kwargs), "creating this rank's store")
-            desc = peers.run(lambda: sharding_description(unwrap_model(model).state_dict(), peers.rank,
-                                                          self.store.uid), "describing the sharding")
-            parts = peers.all_gather_bytes(desc)
-            peers.run(lambda: write_sharding(self._top_dir, parts) if peers.rank == 0 else None,
-                      f"writing {SHARDING_FILE}")
         elif peers.rank == 0:
             peers.run(lambda: Recorder.__init__(self, model, optimizer, run_dir, **kwargs), "opening the run")
             peers.all_gather_bytes(int(self.steps_submitted).to_bytes(8, "little"))
@@ -176,6 +175,9 @@ class DistributedRecorder(Recorder):
         self._dtypes = {e.name: state[e.name].dtype for e in self.layout.entries}
         self._trigger = StepTrigger(as_optimizers(optimizer), self._record_step, self._drop_pending,
                                     record_on=record_on, scaler=scaler)
+
+    def _more_attrs(self) -> dict:
+        return {"sharding": self._sharding} if self.sharded else {}
 
     def _state(self) -> dict[str, torch.Tensor]:
         """FSDP2: ranks other than 0 record only their shards (rank 0 keeps the replicated tensors)."""

@@ -121,7 +121,7 @@ class Recorder:
         else:
             state = self._state()
             attrs = {"amnesiac": {"format": RUN_FORMAT, "model_class": type(self._module).__qualname__,
-                                  "model_spec": model_spec, "extra": extra or {}}}
+                                  "model_spec": model_spec, "extra": extra or {}, **self._more_attrs()}}
             try:
                 self.store = DeltaStore.create(run_dir, state, codec=codec, backend=backend,
                                                chunk_elems=chunk_elems, durable=durable, attrs=attrs)
@@ -149,6 +149,10 @@ class Recorder:
             from .distributed import recorder_class
             cls = recorder_class(process_group)
         return super().__new__(cls)
+
+    def _more_attrs(self) -> dict:
+        """Further run attributes of a subclass (the sharding of an FSDP2 run)."""
+        return {}
 
     def _state(self) -> dict[str, torch.Tensor]:
         """The tensors recorded: the unwrapped module's state_dict (see :func:`amnesiac.loops.recorded_state`)."""

@@ -3,53 +3,56 @@
 On disk (``run_dir`` as given to every rank's Recorder)::
 
     run_dir/
-      sharding.json     written by rank 0 once every rank's store exists: world size, each rank's store (directory
-                        and uid), and for every sharded tensor its global shape, dtype, sharded dimension and the
-                        number of rows each rank holds; the names of the replicated tensors (rank 0 keeps those)
-      rank-00000/       an ordinary delta store: rank 0's shards, the replicated tensors, the ledger
-      rank-00001/ ...   the other ranks' shards (no ledger)
+      rank-00000/       an ordinary delta store: rank 0's shards, the replicated tensors (buffers), the ledger, and
+                        in its store.json (attrs "amnesiac" / "sharding") how to put the shards together: world size,
+                        a run id, every sharded tensor's global shape, dtype, sharded dimension and rows per rank
+      rank-00001/ ...   the other ranks' shards (no ledger); their store.json names their rank and the run id
 
 Every rank writes its own rows of the same step into its own store, so nothing is gathered while training and the
 disk sees W writers of 1/W of the model each (on several nodes: a shared file system, or each node's local disk
 copied together afterwards). A step counts once every store has committed it: a crash may leave some stores one
 step ahead, and reading uses the steps committed everywhere. ``amnesiac.open_run(run_dir)`` returns a
 :class:`ShardedRun`: the same interface as :class:`amnesiac.Run`, with full tensors (shards concatenated along their
-dimension, in rank order). Each rank's store reads and verifies like any other (``deltastore verify run_dir/rank-00000``).
+dimension, in rank order). Each rank's store reads and verifies like any other
+(``deltastore verify run_dir/rank-00000``). The sharding description lives in store.json, which carries its own
+crc32c, so it needs no file format of its own.
 """
 
 from __future__ import annotations
 
-import json
 import re
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from deltastore import DeltaStore, DeltaStoreError, TensorLayout
-from deltastore.fileio import atomic_write_json, json_crc32c, read_json
-from deltastore.reduce import UnlearnPlan, plan_unlearning, run_plan
+from deltastore.reduce import UnlearnPlan, plan_unlearning, run_plan  # public in deltastore.__all__ after seams
 
-from .errors import RecorderError, RunDamagedError, SelectionError
+from .errors import ModelMismatchError, RecorderError, RunDamagedError, RunNotFoundError, SelectionError
 from .loops import is_sharded, local_tensor
 from .run import Run, UnlearnReport, _damage_is_reported
 
-SHARDING_FILE = "sharding.json"
 SHARDING_FORMAT = 1
 MAX_WORLD = 1 << 16
-_DIR = re.compile(r"rank-\d{5,}")
 
 
 def shard_dir(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / f"rank-{rank:05d}"
 
 
+def is_sharded_run(path: str | Path) -> bool:
+    path = Path(path)
+    return not (path / "store.json").exists() and (shard_dir(path, 0) / "store.json").is_file()
+
+
 def _plain(name: str) -> str:
     return name.replace("_orig_mod.", "")
 
 
-def sharding_description(state: dict[str, torch.Tensor], rank: int, uid: str) -> bytes:
-    """This rank's part of ``sharding.json`` (JSON bytes): where its shard of every sharded tensor lies."""
+def local_description(state: dict[str, torch.Tensor], rank: int) -> dict:
+    """This rank's part of the sharding description: the rows of every sharded tensor it holds."""
     tensors, replicated = {}, []
     for name, t in state.items():
         if not is_sharded(t):
@@ -63,40 +66,40 @@ def sharding_description(state: dict[str, torch.Tensor], rank: int, uid: str) ->
         dim = placements[0].dim
         tensors[_plain(name)] = {"dim": dim, "rows": local_tensor(t).shape[dim], "shape": list(t.shape),
                                  "dtype": str(t.dtype).removeprefix("torch.")}
-    return json.dumps({"rank": rank, "uid": uid, "names": [_plain(n) for n in state], "tensors": tensors,
-                       "replicated": replicated}).encode()
+    return {"rank": rank, "run_id": uuid.uuid4().hex, "names": [_plain(n) for n in state], "tensors": tensors,
+            "replicated": replicated}
 
 
-def write_sharding(run_dir: Path, parts: list[bytes]) -> None:
-    """Rank 0: join every rank's description into ``sharding.json`` (atomically, with its own crc32c)."""
-    ranks = [json.loads(p) for p in parts]
-    head = ranks[0]
+def sharding_attrs(parts: list[dict], rank: int) -> dict:
+    """What rank ``rank`` keeps in its store's attrs: rank 0 the whole description, the others their rank."""
+    head = parts[0]
+    if rank:
+        return {"format": SHARDING_FORMAT, "rank": rank, "run_id": head["run_id"]}
     tensors = {}
     for name, t in head["tensors"].items():
-        rows = [r["tensors"].get(name, {}).get("rows") for r in ranks]
+        rows = [p["tensors"].get(name, {}).get("rows") for p in parts]
         if any(n is None for n in rows) or sum(rows) != t["shape"][t["dim"]]:
             raise RecorderError(f"the ranks' shards of {name!r} ({rows} rows) do not make up its shape {t['shape']}")
         tensors[name] = {"dim": t["dim"], "shape": t["shape"], "dtype": t["dtype"], "rows": rows}
-    doc = {"format": "amnesiac-sharded", "version": SHARDING_FORMAT, "world_size": len(ranks),
-           "shards": [{"dir": shard_dir(Path(), r["rank"]).name, "uid": r["uid"]} for r in ranks],
-           "names": head["names"], "tensors": tensors, "replicated": head["replicated"]}
-    doc["crc32c"] = json_crc32c(doc)
-    atomic_write_json(Path(run_dir) / SHARDING_FILE, doc, durable=True)
+    return {"format": SHARDING_FORMAT, "rank": 0, "run_id": head["run_id"], "world_size": len(parts),
+            "names": head["names"], "tensors": tensors, "replicated": head["replicated"]}
+
+
+def _sharding_of(store: DeltaStore) -> dict:
+    amnesiac_attrs = store.attrs.get("amnesiac")
+    doc = amnesiac_attrs.get("sharding") if isinstance(amnesiac_attrs, dict) else None
+    if not isinstance(doc, dict) or doc.get("format") != SHARDING_FORMAT:
+        raise RunDamagedError(f"{store.path} is not a shard of an FSDP run recorded by amnesiac (its store.json has "
+                              "no sharding description of a known version)")
+    return doc
 
 
 def _check_doc(doc: dict, path: Path) -> None:
     def bad(why: str):
-        raise RunDamagedError(f"{path / SHARDING_FILE} is damaged or malformed ({why}); the shard stores in "
-                              f"{path} are still readable one by one with `deltastore verify`")
-    if doc.get("crc32c") != json_crc32c(doc):
-        bad("its crc32c does not match")
-    if doc.get("format") != "amnesiac-sharded" or doc.get("version") != SHARDING_FORMAT:
-        bad("unknown format or version")
-    world, shards = doc.get("world_size"), doc.get("shards")
-    if not (isinstance(world, int) and 1 <= world <= MAX_WORLD and isinstance(shards, list) and len(shards) == world
-            and all(isinstance(s, dict) and isinstance(s.get("dir"), str) and _DIR.fullmatch(s["dir"])
-                    and isinstance(s.get("uid"), str) for s in shards)):
-        bad("bad world size or shard list")
+        raise RunDamagedError(f"{path}: the sharding description in rank-00000/store.json is malformed ({why})")
+    world = doc.get("world_size")
+    if not (isinstance(world, int) and 1 <= world <= MAX_WORLD and isinstance(doc.get("run_id"), str)):
+        bad("world size or run id")
     names, tensors, replicated = doc.get("names"), doc.get("tensors"), doc.get("replicated")
     if not (isinstance(names, list) and isinstance(tensors, dict) and isinstance(replicated, list)
             and all(isinstance(n, str) for n in names) and set(names) == set(tensors) | set(replicated)):
@@ -106,31 +109,33 @@ def _check_doc(doc: dict, path: Path) -> None:
               and all(isinstance(s, int) and s >= 0 for s in t["shape"]) and isinstance(t.get("dim"), int)
               and 0 <= t["dim"] < len(t["shape"]) and len(t["rows"]) == world
               and all(isinstance(r, int) and r >= 0 for r in t["rows"]) and sum(t["rows"]) == t["shape"][t["dim"]]
-              and isinstance(t.get("dtype"), str))
+              and t.get("dtype") in ("float32", "float16", "bfloat16", "float64"))
         if not ok:
             bad(f"the entry of {name!r}")
 
 
 def open_sharded_run(path: str | Path) -> ShardedRun:
     path = Path(path)
-    with _damage_is_reported(path):
-        try:
-            doc = read_json(path / SHARDING_FILE, "the sharding description")
-        except DeltaStoreError as e:
-            raise RunDamagedError(str(e)) from None
-        _check_doc(doc, path)
-        stores = []
-        try:
-            for s in doc["shards"]:
-                store = DeltaStore.open(path / s["dir"])
-                stores.append(store)
-                if store.uid != s["uid"]:
-                    raise RunDamagedError(f"{store.path} is not the store {SHARDING_FILE} names (another run's?)")
-        except BaseException:
-            for store in stores:
-                store.close()
-            raise
-        return ShardedRun(path, doc, stores)
+    stores: list[DeltaStore] = []
+    try:
+        with _damage_is_reported(path):
+            stores.append(DeltaStore.open(shard_dir(path, 0)))
+            doc = _sharding_of(stores[0])
+            _check_doc(doc, path)
+            for rank in range(1, doc["world_size"]):
+                where = shard_dir(path, rank)
+                if not (where / "store.json").is_file():
+                    raise RunNotFoundError(f"{where} is missing: an FSDP run of {doc['world_size']} ranks needs "
+                                           "every rank's store (copy all rank-NNNNN directories together)")
+                stores.append(DeltaStore.open(where))
+                mine = _sharding_of(stores[-1])
+                if mine.get("rank") != rank or mine.get("run_id") != doc["run_id"]:
+                    raise RunDamagedError(f"{where} is not rank {rank} of this run (another run's store?)")
+            return ShardedRun(path, doc, stores)
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
 
 
 class ShardedRun(Run):
@@ -228,7 +233,6 @@ class ShardedRun(Run):
             return self._assemble([s.read_snapshot("start") for s in self.shards])
 
     def check_model(self, model: torch.nn.Module) -> None:
-        from .errors import ModelMismatchError
         try:
             self.layout.check(model.state_dict())
         except DeltaStoreError as e:

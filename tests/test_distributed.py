@@ -83,7 +83,7 @@ def test_fsdp_run_equals_one_process_on_the_global_batches(job):
     out, results = job
     assert [r["fsdp"]["raised"] for r in results] == [[], []]
     assert [r["fsdp"]["local_rows"] for r in results] == [2, 1]  # fc2's 3 rows, sharded unevenly
-    assert sorted(p.name for p in (out / "fsdp").iterdir()) == ["rank-00000", "rank-00001", "sharding.json"]
+    assert sorted(p.name for p in (out / "fsdp").iterdir()) == ["rank-00000", "rank-00001"]
     run = amnesiac.open_run(out / "fsdp")
     assert isinstance(run, amnesiac.Run) and len(run.shards) == 2
     # each rank stored only its own rows; the replicated buffer only on rank 0
@@ -105,16 +105,15 @@ def test_a_writer_failure_is_raised_on_every_rank_at_the_same_step(job):
     assert not run.complete and run.num_steps <= 2
 
 
-def test_sharded_run_damage_is_reported(job, tmp_path):
+def test_a_sharded_run_needs_every_rank(job, tmp_path):
     import shutil
     out, _ = job
-    copy = tmp_path / "fsdp"
-    shutil.copytree(out / "fsdp", copy)
-    doc = json.loads((copy / "sharding.json").read_text())
-    doc["tensors"]["fc1.weight"]["rows"] = [5, 3]
-    (copy / "sharding.json").write_text(json.dumps(doc))
-    with pytest.raises(amnesiac.RunDamagedError, match="sharding.json"):
-        amnesiac.open_run(copy)
+    shutil.copytree(out / "fsdp" / "rank-00000", tmp_path / "fsdp" / "rank-00000")
+    with pytest.raises(amnesiac.RunNotFoundError, match="rank-00001 is missing"):
+        amnesiac.open_run(tmp_path / "fsdp")
+    shutil.copytree(out / "ddp", tmp_path / "fsdp" / "rank-00001")  # a store of another run
+    with pytest.raises(amnesiac.RunDamagedError, match="not a shard of an FSDP run"):
+        amnesiac.open_run(tmp_path / "fsdp")
 
 
 def test_one_process_recorder_ignores_an_absent_process_group(tmp_path):
