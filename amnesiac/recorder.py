@@ -171,7 +171,10 @@ class Recorder:
         except LayoutMismatchError as e:
             raise ModelMismatchError(f"cannot resume {store.path}: {e}") from None
         residual = None
-        if checkpoint is not None:
+        if isinstance(checkpoint, dict):  # a position(): the trainer restored the model and optimizer itself
+            _check_position(checkpoint, store)
+            step, residual, self.epoch = checkpoint["step"], checkpoint.get("residual"), checkpoint["epoch"]
+        elif checkpoint is not None:
             info = load_checkpoint(checkpoint, self._module, self.optimizer, _for_store=store)
             step, residual, self.epoch = info["step"], info.get("residual"), info["epoch"]
         else:
@@ -210,6 +213,28 @@ class Recorder:
         data = safetensors.torch.save(tensors, metadata={"amnesiac_checkpoint": json.dumps(head)})
         atomic_write_bytes(Path(path), data, durable=store.meta["durable"])
         return step
+
+    def position(self) -> dict:
+        """The recording position at the current (committed) step, for a trainer's own checkpoint.
+
+        Trainers (Lightning, the Hugging Face Trainer) save the model and optimizer themselves; this is what the
+        Recorder adds: ``{"run_uid", "step", "log_bytes", "log_tail_crc32c", "epoch"}`` (JSON) and ``"residual"``
+        (a lossy codec's error-feedback residual, a CPU tensor, or None). After the trainer restored the model and
+        optimizer saved with it, ``Recorder(model, optimizer, run_dir, resume=True, checkpoint=position)`` continues
+        the run from there. Waits until every step so far is committed.
+        """
+        if self._closed:
+            raise RecorderError("the Recorder is closed")
+        if self._ids or self._labels:
+            raise RecorderError("take the position between steps: add_batch was called for a step not taken yet")
+        self._record_trailing_change()
+        self._writer.flush()
+        store = self.store
+        log_bytes = store.commit_record["log_bytes"]
+        residual = self._encoder.residual
+        return {"run_uid": store.uid, "step": store.num_steps, "log_bytes": log_bytes,
+                "log_tail_crc32c": _log_tail_crc(store, log_bytes), "epoch": int(self.epoch),
+                "residual": None if residual is None else residual.detach().cpu().clone()}
 
     load_checkpoint = staticmethod(lambda path, model, optimizer: load_checkpoint(path, model, optimizer))
 
@@ -337,6 +362,20 @@ def _open_for_resume(run_dir) -> DeltaStore:
     except ReadOnlyError:
         raise RecorderError(f"{run_dir} holds a complete run (closed normally); there is nothing to resume. "
                             "Record into a new directory.") from None
+
+
+def _check_position(position: dict, store: DeltaStore) -> None:
+    """A position from :meth:`Recorder.position` must belong to this run and to the history it holds now."""
+    ints = ("step", "log_bytes", "log_tail_crc32c", "epoch")
+    if not all(type(position.get(k)) is int for k in ints) or not isinstance(position.get("residual"),
+                                                                               (torch.Tensor, type(None))):
+        raise ResumeError("checkpoint= must be a checkpoint file or a dict returned by Recorder.position()")
+    if position.get("run_uid") != store.uid:
+        raise ResumeError(f"the recording position belongs to another run than {store.path}")
+    if position["step"] > store.num_steps or store.commit_record["log_bytes"] < position["log_bytes"] \
+            or _log_tail_crc(store, position["log_bytes"]) != position["log_tail_crc32c"]:
+        raise ResumeError(f"the recording position (step {position['step']}) does not match the steps {store.path} "
+                          "committed (a position from another history of this run, cut back since)")
 
 
 def _raw_bytes(t: torch.Tensor) -> bytes:
