@@ -49,21 +49,24 @@ def ids_of(step: int, micro: int, rank: int, world: int) -> list[int]:
     return list(range(base, base + LOCAL))
 
 
-def train(model, opt, rec, rank: int, world: int, no_sync=None, fail_at: int | None = None) -> list:
+def train(model, opt, rec, rank: int, world: int, no_sync=None, fail_at: int | None = None,
+          steps=range(STEPS), checkpoint_at: tuple[int, Path] | None = None) -> list:
     """The same loop for every rank and for the reference (rank 0 of a world of 1 sees the global batch)."""
     raised = []
-    for step in range(STEPS):
+    for step in steps:
         k = micro_batches(step, world)
         try:
             for micro in range(k):
                 ids = [i for r in ([rank] if world > 1 else range(2)) for i in ids_of(step, micro, r, 2)]
-                x, y = batch(ids)
+                x, y = (t.to(next(model.parameters()).device) for t in batch(ids))
                 rec.add_batch(ids, labels=y)
                 ctx = no_sync() if (no_sync is not None and micro < k - 1) else _null()
                 with ctx:
                     (torch.nn.functional.cross_entropy(model(x), y) / k).backward()
             opt.step()
             opt.zero_grad()
+            if checkpoint_at is not None and step == checkpoint_at[0]:
+                assert rec.checkpoint(checkpoint_at[1]) == step + 1  # collective: every rank gets the step
         except Exception as e:  # noqa: BLE001 - reported to the test
             raised.append([step, type(e).__name__, str(e)[:300]])
             break
@@ -99,6 +102,23 @@ def ddp(out: Path, rank: int, world: int) -> dict:
     return {"raised": raised, "has_store": touched, "steps": rec.steps_submitted}
 
 
+def ddp_resume(out: Path, rank: int, world: int) -> dict:
+    """Checkpoint after step 1, crash after step 3, resume from the checkpoint on every rank, finish."""
+    model = torch.nn.parallel.DistributedDataParallel(Net())
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    ckpt = out / "ddp_resume.ckpt.safetensors"
+    rec = amnesiac.Recorder(model, opt, out / "ddp_resume", durable=False)
+    raised = train(model, opt, rec, rank, world, no_sync=model.no_sync, steps=range(4), checkpoint_at=(1, ckpt))
+    rec.close(finalize=False)
+    model = torch.nn.parallel.DistributedDataParallel(Net())  # a fresh process would start from scratch
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    rec = amnesiac.Recorder(model, opt, out / "ddp_resume", durable=False, resume=True, checkpoint=ckpt)
+    resumed_at = rec.steps_submitted
+    raised += train(model, opt, rec, rank, world, no_sync=model.no_sync, steps=range(2, STEPS))
+    rec.close()
+    return {"raised": raised, "resumed_at": resumed_at}
+
+
 def ddp_failure(out: Path, rank: int, world: int) -> dict:
     model = torch.nn.parallel.DistributedDataParallel(Net())
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -126,7 +146,17 @@ def fsdp(out: Path, rank: int, world: int) -> dict:
     return {"raised": raised, "local_rows": model.fc2.weight.to_local().shape[0]}
 
 
-SCENARIOS = {"ddp": ddp, "ddp_failure": ddp_failure, "fsdp": fsdp}
+def ddp_cuda(out: Path, rank: int, world: int) -> dict:
+    """One GPU per rank under NCCL (a 1-GPU DDP smoke: world 1 records as one process, on the GPU)."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    model = torch.nn.parallel.DistributedDataParallel(Net().to(device), device_ids=[device.index])
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    with amnesiac.Recorder(model, opt, out / "ddp_cuda", durable=False) as rec:
+        raised = train(model, opt, rec, rank, world, no_sync=model.no_sync)
+    return {"raised": raised}
+
+
+SCENARIOS = {"ddp_cuda": ddp_cuda, "ddp": ddp, "ddp_resume": ddp_resume, "ddp_failure": ddp_failure, "fsdp": fsdp}
 
 
 def reference(run_dir: Path) -> None:
@@ -139,7 +169,9 @@ def reference(run_dir: Path) -> None:
 
 def main() -> None:
     out = Path(sys.argv[1])
-    dist.init_process_group("gloo")
+    if "ddp_cuda" in sys.argv[2:]:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if "ddp_cuda" in sys.argv[2:] else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for name in sys.argv[2:]:

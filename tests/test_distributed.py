@@ -31,22 +31,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(out: Path, *scenarios: str) -> list[dict]:
-    """Run the scenarios in one torchrun job of 2 ranks; every rank's results."""
+def torchrun(out: Path, *scenarios: str, ranks: int = 2) -> list[dict]:
+    """Run the scenarios in one torchrun job of ``ranks`` ranks; every rank's results."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(HERE.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "dist_worker.py"), str(out),
            *scenarios]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((out / f"result-{r}.json").read_text()) for r in range(2)]
+    return [json.loads((out / f"result-{r}.json").read_text()) for r in range(ranks)]
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    results = torchrun(out, "ddp", "ddp_failure", "fsdp")
+    results = torchrun(out, "ddp", "ddp_resume", "ddp_failure", "fsdp")
     worker.reference(out / "reference")
     return out, results
 
@@ -77,6 +77,12 @@ def test_ddp_run_equals_one_process_on_the_global_batches(job):
     assert type(run) is amnesiac.Run and "module.fc1.weight" not in run.final_state()  # plain module's names
     assert sorted(p.name for p in (out / "ddp").iterdir()) == sorted(p.name for p in (out / "reference").iterdir())
     assert_same_run(run, amnesiac.open_run(out / "reference"))  # steps 3 and 4 accumulate under no_sync()
+
+
+def test_ddp_run_resumes_from_a_checkpoint_on_every_rank(job):
+    out, results = job
+    assert [r["ddp_resume"] for r in results] == [{"raised": [], "resumed_at": 2}] * 2
+    assert_same_run(amnesiac.open_run(out / "ddp_resume"), amnesiac.open_run(out / "reference"))
 
 
 def test_fsdp_run_equals_one_process_on_the_global_batches(job):
@@ -121,3 +127,17 @@ def test_one_process_recorder_ignores_an_absent_process_group(tmp_path):
     assert recorder_class("auto") is amnesiac.Recorder and recorder_class(None) is amnesiac.Recorder
     with pytest.raises(amnesiac.RecorderError, match="process_group"):
         recorder_class("world")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_gpu_ddp_smoke(tmp_path):
+    """DDP on one GPU under NCCL: the writer works on that GPU; the run equals the CPU reference."""
+    results = torchrun(tmp_path, "ddp_cuda", ranks=1)
+    assert results[0]["ddp_cuda"]["raised"] == []
+    worker.reference(tmp_path / "reference")
+    run, ref = amnesiac.open_run(tmp_path / "ddp_cuda"), amnesiac.open_run(tmp_path / "reference")
+    for t in range(ref.num_steps):
+        assert np.array_equal(np.sort(run.samples_of_step(t)), np.sort(ref.samples_of_step(t)))
+    for k, v in ref.unlearn(sample_ids=[5]).items():
+        torch.testing.assert_close(run.unlearn(sample_ids=[5])[k], v, atol=1e-4, rtol=1e-4)  # GPU vs CPU kernels
