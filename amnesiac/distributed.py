@@ -168,7 +168,9 @@ class DistributedRecorder(Recorder):
         self.model, self.optimizer, self._module = model, optimizer, unwrap_model(model)
         self.epoch, self.store, self._closed = 0, None, False
         self._ids, self._labels = [], []
-        if checkpoint is not None:  # the model and optimizer of every rank go back to the checkpoint's step
+        if isinstance(checkpoint, dict):  # a position(): the trainer restored the model and optimizer itself
+            self.epoch = int(checkpoint.get("epoch", 0))
+        elif checkpoint is not None:  # the model and optimizer of every rank go back to the checkpoint's step
             self.epoch = load_checkpoint(checkpoint, self._module, optimizer)["epoch"]
         state = self._state()
         self.layout = TensorLayout.from_tensors(state)
@@ -277,6 +279,15 @@ class DistributedRecorder(Recorder):
                                if self._writer is not None else None, "taking a checkpoint")
         got = self._peers.all_gather_bytes(b"" if step is None else int(step).to_bytes(8, "little"))[0]
         return int.from_bytes(got, "little")
+
+    def position(self) -> dict:
+        """Not collective. Rank 0's position is the one trainers save (and pass to every rank when resuming); the
+        other DDP ranks have none and return ``{}``."""
+        if self.sharded:
+            raise RecorderError("resuming an FSDP2 run is not supported yet, so it has no recording position")
+        if self._writer is None:
+            return {}
+        return super().position()
 
     def close(self, *, finalize: bool = True) -> None:
         """Collective: flush, finalize (rank 0 / every shard), release; an error on any rank is raised on all."""

@@ -141,3 +141,16 @@ def test_one_gpu_ddp_smoke(tmp_path):
         assert np.array_equal(np.sort(run.samples_of_step(t)), np.sort(ref.samples_of_step(t)))
     for k, v in ref.unlearn(sample_ids=[5]).items():
         torch.testing.assert_close(run.unlearn(sample_ids=[5])[k], v, atol=1e-4, rtol=1e-4)  # GPU vs CPU kernels
+
+
+def test_cli_forgets_from_an_fsdp_run(job, tmp_path):
+    from safetensors.torch import load_file
+
+    from amnesiac.cli import main
+    out, _ = job
+    assert main(["forget", "--run", str(out / "fsdp"), "--samples", "5,17", "--out", str(tmp_path / "w.safetensors"),
+                 "--json"]) == 0
+    got = load_file(tmp_path / "w.safetensors")
+    want = amnesiac.open_run(out / "reference").unlearn(sample_ids=[5, 17])
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=1e-5)
