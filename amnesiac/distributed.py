@@ -164,7 +164,7 @@ class DistributedRecorder(Recorder):
 
     def _follow(self, model, optimizer, checkpoint, record_on, scaler) -> None:
         """A DDP rank other than 0: the same hooks and checks, no store, no writer, no disk."""
-        from .recorder import load_checkpoint
+        from .checkpoint import load_checkpoint
         self.model, self.optimizer, self._module = model, optimizer, unwrap_model(model)
         self.epoch, self.store, self._closed = 0, None, False
         self._ids, self._labels = [], []
@@ -194,7 +194,7 @@ class DistributedRecorder(Recorder):
 
     @property
     def steps_submitted(self) -> int:
-        return self._writer._next_step if self._writer is not None else self._steps
+        return self._writer.next_step if self._writer is not None else self._steps
 
     # ------------------------------------------------------------ one step, on every rank
     def _failed_here(self) -> bool:

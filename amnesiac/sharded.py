@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltastore import DeltaStore, DeltaStoreError, TensorLayout
-from deltastore.reduce import UnlearnPlan, plan_unlearning, run_plan  # public in deltastore.__all__ after seams
+from deltastore import (DeltaStore, DeltaStoreError, TensorLayout, UnlearnPlan, plan_unlearning, resolve_device,
+                        run_plan)
 
 from .errors import ModelMismatchError, RecorderError, RunDamagedError, RunNotFoundError, SelectionError
 from .loops import is_sharded, local_tensor
 from .run import Run, UnlearnReport, _damage_is_reported
+from .selection import Selection
 
 SHARDING_FORMAT = 1
 MAX_WORLD = 1 << 16
@@ -176,28 +177,28 @@ class ShardedRun(Run):
             raise SelectionError(f"step {step} is not a step every rank committed (there are {self.num_steps})")
         return super().samples_of_step(step)
 
-    def steps_for(self, *, sample_ids=None, classes=None) -> np.ndarray:
-        steps = super().steps_for(sample_ids=sample_ids, classes=classes)
+    def _steps_of(self, selection: Selection) -> np.ndarray:
+        if selection.kind == "steps":
+            steps = np.unique(selection.values)
+            if steps.size and (steps[0] < 0 or steps[-1] >= self.num_steps):
+                raise SelectionError(f"steps must be steps every rank committed, 0..{self.num_steps - 1}")
+            return steps
+        steps = super()._steps_of(selection)
         return steps[steps < self.num_steps]  # rank 0 may have committed a step the others had not (a crash)
 
     def unlearn_report(self, *, sample_ids=None, classes=None, steps=None, device: str | torch.device = "cpu",
                        progress: bool = False, **reduce_options) -> UnlearnReport:
         """Every rank's shard with the selected steps undone, put together into a complete state_dict."""
+        device = resolve_device(device)
         with _damage_is_reported(self.path):
-            if steps is not None:
-                arr = np.unique(np.asarray(steps, dtype=np.int64).reshape(-1))
-                if arr.size and (arr[0] < 0 or arr[-1] >= self.num_steps):
-                    raise SelectionError(f"steps must be committed steps 0..{self.num_steps - 1}")
-                undo = arr
-            else:
-                undo = self._selected_steps(sample_ids, classes, None)
+            undo = self._steps_of(Selection.of(sample_ids=sample_ids, classes=classes, steps=steps))
             n, parts, totals = self.num_steps, [], np.zeros(3, np.int64)
             seconds, plan_name = 0.0, None
             for store in self.shards:
                 plan = plan_unlearning(store, undo)
                 if store.num_steps != n:  # a crash left this store ahead: add the common steps to theta_0
                     plan = UnlearnPlan("start", np.setdiff1d(np.arange(n, dtype=np.int64), undo), 1.0, False, undo)
-                result = run_plan(store, plan, device=torch.device(device), progress=progress, **reduce_options)
+                result = run_plan(store, plan, device=device, progress=progress, **reduce_options)
                 local = {k: v.to(device) for k, v in store.read_snapshot(plan.base).items()}
                 local.update(store.layout.unflatten(result.total))
                 parts.append(local)
