@@ -247,13 +247,8 @@ class DistributedRecorder(Recorder):
         flags = self._peers.all_gather_bytes(bytes([int(failed), int(changed)]))
         if any(f[0] for f in flags) or not any(f[1] for f in flags):
             return
-        self._ids, self._labels = [], []
-        self._writer.wait_copy_done()
-        with torch.no_grad():
-            streams, side = self._encoder.encode(torch.sub(now, self._prev, out=self._delta))
-        self._prev.copy_(now)
         try:
-            self._writer.submit(streams, side, self._step_metadata())
+            self._submit_change(now)
         except WriterError as e:
             self._pending_error = e
 

@@ -36,8 +36,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         seen.add(id(model))
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch._dynamo's OptimizedModule
-            model = model._orig_mod
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
+            model = getattr(model, "_orig_mod")
     return model
 
 

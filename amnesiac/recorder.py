@@ -185,17 +185,21 @@ class Recorder:
         (tensors) with JSON metadata; no pickle. Pass it to ``Recorder(..., resume=True, checkpoint=path)`` after
         a crash. Returns the step number the checkpoint was taken at (the number of committed steps).
         """
-        if self._closed:
-            raise RecorderError("the Recorder is closed")
-        if self._ids or self._labels:
-            raise RecorderError("take checkpoints between steps: add_batch was called for a step not taken yet")
-        self._record_trailing_change()
-        self._writer.flush()
-        store = self.store
+        store = self._settle("checkpoints")
         step = store.num_steps
         save_checkpoint(path, self._module, self.optimizer, step=step, epoch=self.epoch, store=store,
                         residual=self._encoder.residual, durable=store.meta["durable"])
         return step
+
+    def _settle(self, what: str) -> DeltaStore:
+        """Between steps only: record any trailing change and wait until every step so far is committed."""
+        if self._closed:
+            raise RecorderError("the Recorder is closed")
+        if self._ids or self._labels:
+            raise RecorderError(f"take {what} between steps: add_batch was called for a step not taken yet")
+        self._record_trailing_change()
+        self._writer.flush()
+        return self.store
 
     def position(self) -> dict:
         """The recording position at the current (committed) step, for a trainer's own checkpoint.
@@ -206,13 +210,7 @@ class Recorder:
         optimizer saved with it, ``Recorder(model, optimizer, run_dir, resume=True, checkpoint=position)`` continues
         the run from there. Waits until every step so far is committed.
         """
-        if self._closed:
-            raise RecorderError("the Recorder is closed")
-        if self._ids or self._labels:
-            raise RecorderError("take the position between steps: add_batch was called for a step not taken yet")
-        self._record_trailing_change()
-        self._writer.flush()
-        store = self.store
+        store = self._settle("the position")
         log_bytes = store.commit_record["log_bytes"]
         residual = self._encoder.residual
         return {"run_uid": store.uid, "step": store.num_steps, "log_bytes": log_bytes,
@@ -281,8 +279,11 @@ class Recorder:
         state = self._state()
         check_dtypes(state, self._dtypes, self.steps_submitted)
         now = self.layout.flatten(state, out=torch.empty_like(self._prev))
-        if torch.equal(now, self._prev):
-            return
+        if not torch.equal(now, self._prev):
+            self._submit_change(now)
+
+    def _submit_change(self, now: torch.Tensor) -> None:
+        """Record ``now - S_prev`` (flat) as a step without samples."""
         self._ids, self._labels = [], []
         self._writer.wait_copy_done()
         with torch.no_grad():
