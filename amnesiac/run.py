@@ -155,6 +155,8 @@ class Run:
         if len(chosen) != 1:
             raise SelectionError("pass exactly one of sample_ids=... or classes=..." if not chosen else
                                  f"pass only one selection, not {' and '.join(chosen)}")
+        from .requests import refuse_folded  # samples whose steps retention folded away cannot be undone
+        refuse_folded(self.store, sample_ids=sample_ids, classes=classes)
         fields = self._fields()
         if "ids" not in fields:
             return np.zeros(0, np.int64)

@@ -8,10 +8,16 @@ from .codecs import CODEC_NAMES, Codec, parse_codec
 from .errors import (CorruptionError, DeltaStoreError, FormatError, InvalidArgumentError, LayoutMismatchError,
                      ReadOnlyError, StepSelectionError, StoreExistsError, StoreLockedError, StoreNotFoundError,
                      UnknownCodecError, WriterError)
+from .generation import read_attachment, stale_files
 from .layout import TensorLayout
+from .rewrite import RewritePlan, RewriteResult, RunRewrite, folded_metadata, reopen_store
 from .store import DeltaStore
+from .verify import verify_store
 
 __all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "FormatError",
            "InvalidArgumentError", "LayoutMismatchError", "ReadOnlyError", "StepSelectionError", "StoreExistsError",
-           "StoreLockedError", "StoreNotFoundError", "TensorLayout", "UnknownCodecError", "WriterError", "parse_codec"]
+           "StoreLockedError", "StoreNotFoundError", "TensorLayout", "UnknownCodecError", "WriterError", "parse_codec",
+           # rewriting a run in place (purge, retention): deltastore/rewrite.py, deltastore/generation.py
+           "RewritePlan", "RewriteResult", "RunRewrite", "folded_metadata", "read_attachment", "reopen_store",
+           "stale_files", "verify_store"]
 __version__ = "0.1.0"
