@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,36 +19,15 @@ from amnesiac.receipts import state_sha256
 from deltastore import DeltaStore, verify_store
 from deltastore.fileio import atomic_write_json, crc32c, json_crc32c
 
-STEPS, BATCH = 14, 4
+def _load_small_runs():
+    spec = importlib.util.spec_from_file_location("small_runs", Path(__file__).with_name("small_runs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def record(path: Path, *, codec="fp32", backend="zarr", steps=STEPS, seed=0):
-    """A small BatchNorm net, SGD with momentum; step t trains on ids 100*t .. 100*t+3, plus id 7 at t = 2, 9."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
-                                torch.nn.Linear(8, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with amnesiac.Recorder(model, opt, path, codec=codec, backend=backend, durable=False) as rec:
-        for t in range(steps):
-            ids = [100 * t + i for i in range(BATCH)] + ([7] if t in (2, 9) else [])
-            rec.epoch = t // 5
-            rec.add_batch(ids, labels=[i % 3 for i in ids])
-            g = torch.Generator().manual_seed(t)
-            x, y = torch.randn(len(ids), 5, generator=g), torch.tensor([i % 3 for i in ids])
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
-    return model
-
-
-def flat(state):
-    return torch.cat([v.float().reshape(-1) for k, v in sorted(state.items()) if v.is_floating_point()])
-
-
-def step_files(path: Path) -> list[Path]:
-    """Every step data file of the committed generation (both backends)."""
-    store = DeltaStore.open(path)
-    return [p for p in (store.data_dir / "deltas").rglob("*") if p.is_file() and p.name != "zarr.json"]
+_runs = _load_small_runs()
+STEPS, flat, record, step_files = _runs.STEPS, _runs.flat, _runs.record, _runs.step_files
 
 
 CASES = [("fp32", "zarr"), ("fp16", "zarr"), ("bf16", "zarr"), ("topk:0.25", "zarr"), ("fp32", "safetensors"),
