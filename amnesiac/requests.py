@@ -78,7 +78,7 @@ def refuse_folded(store: DeltaStore, *, sample_ids=None, classes=None) -> None:
     if hit.size:
         raise SelectionError(f"{what} were trained on in steps that `deltastore gc` folded into the start state "
                              f"of {store.path}; their influence can no longer be undone (retention traded it for "
-                             "disk). Retrain without them to forget them. Nothing was unlearned.")
+                             "disk). Retrain without them to forget them. Nothing was changed.")
 
 
 def _resolve(run: Run, receipts: list[dict], sample_ids, classes) -> tuple[np.ndarray, dict, list]:
