@@ -5,18 +5,20 @@ See :class:`deltastore.DeltaStore` for the format and call order, :mod:`deltasto
 """
 
 from .codecs import CODEC_NAMES, Codec, parse_codec
-from .errors import (CorruptionError, DeltaStoreError, FormatError, InvalidArgumentError, LayoutMismatchError,
-                     ReadOnlyError, StepSelectionError, StoreExistsError, StoreLockedError, StoreNotFoundError,
-                     UnknownCodecError, WriterError)
+from .devices import resolve_device
+from .errors import (PROGRAMMING_ERRORS, CorruptionError, DeltaStoreError, DeviceUnavailableError, FormatError,
+                     InvalidArgumentError, LayoutMismatchError, ReadOnlyError, StepSelectionError, StoreExistsError,
+                     StoreLockedError, StoreNotFoundError, UnknownCodecError, WriterError)
 from .generation import read_attachment, stale_files
 from .layout import TensorLayout
 from .rewrite import RewritePlan, RewriteResult, RunRewrite, folded_metadata, reopen_store
 from .store import DeltaStore
 from .verify import verify_store
 
-__all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "FormatError",
-           "InvalidArgumentError", "LayoutMismatchError", "ReadOnlyError", "StepSelectionError", "StoreExistsError",
-           "StoreLockedError", "StoreNotFoundError", "TensorLayout", "UnknownCodecError", "WriterError", "parse_codec",
+__all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "DeviceUnavailableError",
+           "FormatError", "InvalidArgumentError", "LayoutMismatchError", "PROGRAMMING_ERRORS", "ReadOnlyError",
+           "StepSelectionError", "StoreExistsError", "StoreLockedError", "StoreNotFoundError", "TensorLayout",
+           "UnknownCodecError", "WriterError", "parse_codec", "resolve_device",
            # rewriting a run in place (purge, retention): deltastore/rewrite.py, deltastore/generation.py
            "RewritePlan", "RewriteResult", "RunRewrite", "folded_metadata", "read_attachment", "reopen_store",
            "stale_files", "verify_store"]
