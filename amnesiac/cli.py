@@ -1,4 +1,6 @@
-"""The ``amnesiac`` command line: demo, train, forget, eval, experiment, audit. Run ``amnesiac COMMAND --help`` for each."""
+"""The ``amnesiac`` command line: demo, train, forget, eval, experiment, audit.
+
+Run ``amnesiac COMMAND --help`` for each."""
 
 from __future__ import annotations
 

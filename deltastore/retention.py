@@ -60,7 +60,8 @@ def gc(path: str | Path, *, keep_last_epochs: int | None = None, before_step: in
         n = store.num_steps
         if before_step is not None:
             if type(before_step) is not int or not 0 <= before_step <= n:
-                raise InvalidArgumentError(f"--before-step must be from 0 to {n} (the run's steps), not {before_step!r}")
+                raise InvalidArgumentError(f"--before-step must be from 0 to {n} (the run's steps), not "
+                                           f"{before_step!r}")
             cut = before_step
         else:
             if type(keep_last_epochs) is not int or keep_last_epochs < 1:

@@ -367,7 +367,7 @@ class DeltaStore:
             self.layout.check(tensors)
         except LayoutMismatchError as e:
             raise CorruptionError(f"the {which} state does not match the store's layout: {e}",
-                                  path=self.path / f"{which}.safetensors") from None
+                                  path=self.data_dir / f"{which}.safetensors") from None
         return self.layout.flatten(tensors, out=torch.empty(self.layout.numel, device=device))
 
     def read_step(self, step: int, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -24,7 +24,9 @@ _runs = _load_small_runs()
 STEPS, flat, record, step_files = _runs.STEPS, _runs.flat, _runs.record, _runs.step_files
 
 
-@pytest.mark.parametrize("codec,backend", [("fp32", "zarr"), ("fp16", "safetensors"), ("topk:0.25", "zarr")])
+@pytest.mark.parametrize("codec,backend", [("fp32", "zarr"),
+                                           pytest.param("fp16", "safetensors", marks=pytest.mark.slow),
+                                           pytest.param("topk:0.25", "zarr", marks=pytest.mark.slow)])
 def test_gc_folds_old_steps_and_refuses_to_unlearn_them(tmp_path, codec, backend):
     run_dir = tmp_path / "run"
     record(run_dir, codec=codec, backend=backend)
