@@ -114,6 +114,8 @@ def cmd_audit(args) -> list | dict | None:
         extra = (f"undid {r.get('steps_undone')} step(s), removed {r.get('ids_removed', 0)} id(s) and "
                  f"{r.get('bytes_removed', 0):,} bytes" if r.get("action") == "purge" else
                  f"recorded {r.get('steps_added')} fine-tune step(s)")
+        if r.get("already_removed_by"):
+            extra += f" (part already removed by {', '.join(map(repr, r['already_removed_by']))})"
         print(f"#{r.get('seq')} {r.get('time')} {r.get('action')} request {r.get('request_id')!r}"
               + (f" ({what})" if what else "") + f": {extra}; {r.get('steps_after')} steps left; codec "
               f"{r.get('codec')}; weights sha256 {str(r.get('weights_sha256'))[:16]}...")
@@ -163,10 +165,12 @@ def cmd_purge(args) -> dict:
         save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
         result["out"] = str(out)
     if not args.json:
+        earlier = receipt["already_removed_by"]
         print(f"purged request {receipt['request_id']!r}: undid {receipt['steps_undone']} of "
               f"{receipt['steps_before']} steps, removed {receipt['ids_removed']} id(s) from the ledger, freed "
               f"{receipt['bytes_freed']:,} bytes in {receipt['seconds']:.2f} s; weights sha256 "
-              f"{receipt['weights_sha256'][:16]}...")
+              f"{receipt['weights_sha256'][:16]}..."
+              + (f" (part of it was already removed by {', '.join(map(repr, earlier))})" if earlier else ""))
         if "finetune" in result:
             ft = result["finetune"]
             print(f"fine-tuned {ft['finetune_epochs']} epoch(s) on {ft['retained_samples']} retained samples: "
