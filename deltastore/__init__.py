@@ -4,7 +4,7 @@ See :class:`deltastore.DeltaStore` for the format and call order, :mod:`deltasto
 :mod:`deltastore.reduce` for the reduce core and :mod:`deltastore.writer` for the asynchronous write pipeline.
 """
 
-from .codecs import CODEC_NAMES, Codec, parse_codec
+from .codecs import CODEC_NAMES, Codec, Encoder, StreamSpec, parse_codec, register_codec
 from .devices import resolve_device
 from .errors import (PROGRAMMING_ERRORS, CorruptionError, DeltaStoreError, DeviceUnavailableError, FormatError,
                      InvalidArgumentError, LayoutMismatchError, ReadOnlyError, StepSelectionError, StoreExistsError,
@@ -18,7 +18,8 @@ from .verify import verify_store
 __all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "DeviceUnavailableError",
            "FormatError", "InvalidArgumentError", "LayoutMismatchError", "PROGRAMMING_ERRORS", "ReadOnlyError",
            "StepSelectionError", "StoreExistsError", "StoreLockedError", "StoreNotFoundError", "TensorLayout",
-           "UnknownCodecError", "WriterError", "parse_codec", "resolve_device",
+           "UnknownCodecError", "WriterError", "parse_codec", "resolve_device", "Encoder", "StreamSpec",
+           "register_codec",
            # rewriting a run in place (purge, retention): deltastore/rewrite.py, deltastore/generation.py
            "RewritePlan", "RewriteResult", "RunRewrite", "folded_metadata", "read_attachment", "reopen_store",
            "stale_files", "verify_store"]
