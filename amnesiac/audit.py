@@ -83,8 +83,9 @@ def _verify(store: DeltaStore, receipts: list[dict]) -> list[str]:
                               "the purge, or the ledger was altered")
     stale = stale_files(store.path, store.commit_record)
     if stale:
-        faults.append(f"{len(stale)} file(s) of an earlier generation remain on disk (e.g. {stale[0]}): a purge or "
-                      f"gc was interrupted after its commit. `deltastore gc {store.path} --before-step 0` removes them")
+        faults.append(f"{len(stale)} file(s) outside the committed generation remain on disk (e.g. {stale[0]}): a "
+                      "purge or gc was interrupted (after its switch they hold the deleted steps' bytes). "
+                      f"`deltastore gc {store.path} --before-step 0` removes them")
     if receipts:
         last = receipts[-1]
         try:
