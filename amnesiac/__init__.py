@@ -10,6 +10,6 @@ from .requests import purge
 from .run import Run, UnlearnReport, open_run
 
 __all__ = ["AmnesiacError", "DataError", "ModelMismatchError", "Recorder", "RecorderError", "ResumeError", "Run",
-           "RunDamagedError", "RunExistsError", "RunNotFoundError", "SelectionError", "UnlearnReport", "open_run",
-           "RunBusyError", "purge"]
+           "RunBusyError", "RunDamagedError", "RunExistsError", "RunNotFoundError", "SelectionError", "UnlearnReport",
+           "open_run", "purge"]
 __version__ = "0.1.0"

@@ -33,27 +33,18 @@ from the last one; the steps committed after it are dropped and recorded again, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import safetensors
-import safetensors.torch
-from safetensors.torch import load as safetensors_from_bytes  # never pickle: plain tensors only
 import torch
 
-from deltastore import (DeltaStore, LayoutMismatchError, ReadOnlyError, StoreExistsError, StoreNotFoundError,
-                        WriterError)
-from deltastore.fileio import atomic_write_bytes, crc32c, read_regular_file
-from deltastore.writer import DEFAULT_BUFFER_BYTES, AsyncStepWriter
+from deltastore import (DEFAULT_BUFFER_BYTES, AsyncStepWriter, DeltaStore, LayoutMismatchError, ReadOnlyError,
+                        StoreExistsError, StoreNotFoundError, WriterError, check_state_at)
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ModelMismatchError, RecorderError, ResumeError, RunExistsError, RunNotFoundError
 
 RUN_FORMAT = 1
-CHECKPOINT_FORMAT = 1
-RESUME_TOLERANCE = 1e-4  # relative to how far the model moved from theta_0: float32 summation of many steps
-MAX_CHECKPOINT_BYTES = 1 << 40
-_LOG_TAIL = 4096  # the checkpoint keeps the crc32c of the step log's last bytes at its step: the same history?
 
 
 def _as_int64(values, what: str) -> np.ndarray:
@@ -150,7 +141,7 @@ class Recorder:
             raise ModelMismatchError(f"cannot resume {store.path}: {e}") from None
         residual = None
         if checkpoint is not None:
-            info = load_checkpoint(checkpoint, self.model, self.optimizer, _for_store=store)
+            info = load_checkpoint(checkpoint, self.model, self.optimizer, for_store=store)
             step, residual, self.epoch = info["step"], info.get("residual"), info["epoch"]
         else:
             if store.codec.lossy:
@@ -176,17 +167,9 @@ class Recorder:
         self._record_trailing_change()
         self._writer.flush()
         store = self.store
-        step, log_bytes = store.num_steps, store.commit_record["log_bytes"]
-        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
-        optim = _optimizer_to_tensors(self.optimizer, tensors)
-        if self._encoder.residual is not None:
-            tensors["recorder/residual"] = self._encoder.residual
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-        head = {"format": CHECKPOINT_FORMAT, "run_uid": store.uid, "step": step, "log_bytes": log_bytes,
-                "log_tail_crc32c": _log_tail_crc(store, log_bytes), "epoch": int(self.epoch), "optimizer": optim,
-                "tensor_crc32c": {k: crc32c(_raw_bytes(v)) for k, v in tensors.items()}}
-        data = safetensors.torch.save(tensors, metadata={"amnesiac_checkpoint": json.dumps(head)})
-        atomic_write_bytes(Path(path), data, durable=store.meta["durable"])
+        step = store.num_steps
+        save_checkpoint(path, self.model, self.optimizer, step=step, epoch=self.epoch, store=store,
+                        residual=self._encoder.residual, durable=store.meta["durable"])
         return step
 
     load_checkpoint = staticmethod(lambda path, model, optimizer: load_checkpoint(path, model, optimizer))
@@ -197,7 +180,7 @@ class Recorder:
 
     @property
     def steps_submitted(self) -> int:
-        return self._writer._next_step
+        return self._writer.next_step
 
     def add_batch(self, ids, labels=None) -> None:
         """Declare the samples (by integer id; labels optional) that the coming optimizer step trains on.
@@ -276,7 +259,7 @@ class Recorder:
         self._closed = True
         self._hook.remove()
         try:
-            already_told = self._writer.failed and getattr(self._writer, "_error_raised", True)
+            already_told = self._writer.failed and self._writer.error_reported
             if finalize and not self._writer.failed:
                 try:
                     self._record_trailing_change()  # written by the writer's close below
@@ -308,7 +291,7 @@ class Recorder:
         self.close(finalize=exc_type is None)
 
 
-# ---------------------------------------------------------------- checkpoints and resuming
+# ---------------------------------------------------------------- resuming
 def _open_for_resume(run_dir) -> DeltaStore:
     try:
         return DeltaStore.open(run_dir, writable=True)
@@ -319,148 +302,14 @@ def _open_for_resume(run_dir) -> DeltaStore:
                             "Record into a new directory, or pass reopen=True to record more steps into it.") from None
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def _log_tail_crc(store: DeltaStore, log_bytes: int) -> int:
-    lo = max(0, log_bytes - _LOG_TAIL)
-    try:
-        with open(store.data_dir / "steps.log", "rb") as f:
-            f.seek(lo)
-            return crc32c(f.read(log_bytes - lo))
-    except FileNotFoundError:
-        return crc32c(b"")
-
-
-def _jsonable(value, where: str):
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, where) for v in value]
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _jsonable(v, where) for k, v in value.items()}
-    raise RecorderError(f"cannot checkpoint the optimizer: {where} holds a {type(value).__name__}, which is "
-                        "neither a tensor nor plain JSON (checkpoints never pickle)")
-
-
-def _optimizer_to_tensors(optimizer: torch.optim.Optimizer, tensors: dict) -> dict:
-    """Split the optimizer's state_dict into tensors (added to ``tensors``) and a JSON description."""
-    def split(entry: dict, prefix: str, where: str) -> dict:
-        out = {}
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}/{key}"] = value
-                out[key] = {"tensor": f"{prefix}/{key}"}
-            else:
-                out[key] = {"value": _jsonable(value, f"{where}[{key!r}]")}
-        return out
-
-    sd = optimizer.state_dict()
-    return {"state": {str(pid): split(entry, f"optim/{pid}", f"state[{pid}]") for pid, entry in sd["state"].items()},
-            "param_groups": [split(group, f"optim_group/{i}", f"param_groups[{i}]")
-                             for i, group in enumerate(sd["param_groups"])]}
-
-
-def _like(value, template):
-    """JSON gives lists where the optimizer had tuples (Adam's betas): give them back their type."""
-    if isinstance(template, tuple) and isinstance(value, list):
-        return tuple(value)
-    return value
-
-
-def _optimizer_from_tensors(optimizer: torch.optim.Optimizer, desc: dict, tensors: dict) -> None:
-    def unpack(item):
-        if not isinstance(item, dict) or len(item) != 1:
-            raise ResumeError("the checkpoint's optimizer description is malformed")
-        if "tensor" in item:
-            try:
-                return tensors[item["tensor"]]
-            except (KeyError, TypeError):
-                raise ResumeError("the checkpoint lacks an optimizer tensor it names") from None
-        return item.get("value")
-
-    current = optimizer.state_dict()
-    try:
-        state = {int(pid): {k: unpack(v) for k, v in entry.items()} for pid, entry in desc["state"].items()}
-        groups = []
-        for group, template in zip(desc["param_groups"], current["param_groups"], strict=True):
-            groups.append({k: _like(unpack(v), template.get(k)) for k, v in group.items()})
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except ResumeError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise ResumeError(f"the checkpoint's optimizer state does not fit this optimizer: {e}") from None
-
-
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                    _for_store: DeltaStore | None = None) -> dict:
-    """Load a checkpoint written by :meth:`Recorder.checkpoint` into ``model`` (and ``optimizer``).
-
-    Returns ``{"step", "epoch", "run_uid", "residual"}``. Every tensor is checked against its crc32c first; the
-    file is safetensors with JSON metadata, so loading it runs no code.
-    """
-    path = Path(path)
-    try:
-        data = read_regular_file(path, "checkpoint", max_bytes=MAX_CHECKPOINT_BYTES)
-    except FileNotFoundError:
-        raise ResumeError(f"checkpoint {path} does not exist") from None
-    except ValueError as e:
-        raise ResumeError(str(e)) from None
-    try:
-        header_len = int.from_bytes(data[:8], "little")
-        if len(data) < 8 or header_len > min(len(data) - 8, 100_000_000):
-            raise ValueError("malformed header")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
-        head = json.loads(meta["amnesiac_checkpoint"])
-        tensors = safetensors_from_bytes(data)
-        ok = (isinstance(head, dict) and head.get("format") == CHECKPOINT_FORMAT
-              and all(isinstance(head.get(k), int) for k in ("step", "log_bytes", "log_tail_crc32c", "epoch"))
-              and isinstance(head.get("tensor_crc32c"), dict) and isinstance(head.get("optimizer"), dict))
-    except Exception as e:  # noqa: BLE001 - any malformation is one clear error
-        raise ResumeError(f"{path} is not a checkpoint written by Recorder.checkpoint ({type(e).__name__}: {e})") \
-            from None
-    if not ok:
-        raise ResumeError(f"{path} is not a checkpoint written by Recorder.checkpoint (or of an unknown version)")
-    if set(head["tensor_crc32c"]) != set(tensors) or any(crc32c(_raw_bytes(t)) != head["tensor_crc32c"][k]
-                                                         for k, t in tensors.items()):
-        raise ResumeError(f"checkpoint {path} fails its crc32c checksums: the file was changed or damaged")
-    store = _for_store
-    if store is not None:
-        if head.get("run_uid") != store.uid:
-            raise ResumeError(f"checkpoint {path} belongs to another run than {store.path}")
-        if head["step"] > store.num_steps:
-            raise ResumeError(f"checkpoint {path} was taken at step {head['step']}, but {store.path} has only "
-                              f"{store.num_steps} committed steps: it comes from a history that was since cut "
-                              "back. Resume from a checkpoint taken at or before the last committed step.")
-        if (store.commit_record["log_bytes"] < head["log_bytes"]
-                or _log_tail_crc(store, head["log_bytes"]) != head["log_tail_crc32c"]):
-            raise ResumeError(f"checkpoint {path} does not match the steps {store.path} committed before it (a "
-                              "checkpoint from another history of this run)")
-    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    try:
-        model.load_state_dict(model_state)
-    except RuntimeError as e:
-        raise ModelMismatchError(f"checkpoint {path} does not fit the model: {str(e)[:500]}") from None
-    if optimizer is not None:
-        _optimizer_from_tensors(optimizer, head["optimizer"], tensors)
-    return {"step": head["step"], "epoch": head["epoch"], "run_uid": head.get("run_uid"),
-            "residual": tensors.get("recorder/residual")}
-
-
 def _check_state_at(store: DeltaStore, state: dict, step: int, residual: torch.Tensor | None) -> None:
     """Raise :class:`ResumeError` unless ``state`` is theta_0 + the first ``step`` deltas (+ residual)."""
     now = store.layout.flatten({k: v.detach().float().cpu() for k, v in state.items() if k in store.layout.names},
                                out=torch.empty(store.layout.numel))
-    start = store.read_snapshot_flat("start")
-    rebuilt = start + store.sum_steps(range(step)) if step else start.clone()
-    if residual is not None:
-        rebuilt += residual.float().cpu().reshape(-1)
-    moved = (now - start).norm().item()
-    error = (now - rebuilt).norm().item()
-    if not error <= RESUME_TOLERANCE * moved + 1e-7 * now.norm().item():
+    check = check_state_at(store, now, step, residual)
+    if not check.ok:
         raise ResumeError(f"the model is not at committed step {step} of {store.path}: it differs from theta_0 plus "
-                          f"the first {step} recorded deltas by {error:.3g} (it moved {moved:.3g} from theta_0). "
-                          "Load the checkpoint taken at that step (Recorder(..., resume=True, checkpoint=PATH)), or "
-                          "the state open_run(run_dir).final_state() for an exact run. Nothing was changed.")
+                          f"the first {step} recorded deltas by {check.error:.3g} (it moved {check.moved:.3g} from "
+                          "theta_0). Load the checkpoint taken at that step (Recorder(..., resume=True, "
+                          "checkpoint=PATH)), or the state open_run(run_dir).final_state() for an exact run. Nothing "
+                          "was changed.")

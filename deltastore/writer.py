@@ -137,7 +137,23 @@ class AsyncStepWriter:
 
     @property
     def failed(self) -> bool:
+        """True once writing a step failed (the error is raised on the training thread, see :attr:`error`)."""
         return self._error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the writer thread, or None."""
+        return None if self._error is None else self._error[1]
+
+    @property
+    def error_reported(self) -> bool:
+        """True once the writer's error was raised to the caller (as :class:`WriterError`) at least once."""
+        return self._error_raised
+
+    @property
+    def next_step(self) -> int:
+        """The number the next submitted step will get (the store's committed steps plus those in flight)."""
+        return self._next_step
 
     def _raise_pending(self, release: int | None = None) -> None:
         if self._error is None:
