@@ -234,29 +234,27 @@ def finetune(run_dir: str | Path, *, epochs: int, request_id: str | None = None,
     from .data import bundle_from_spec
     from .models import build_model
     from .recorder import Recorder
+    from .setting import TrainingSetting
     from .training import make_optimizer, train
     if type(epochs) is not int or epochs < 1:
         raise AmnesiacError(f"--finetune-epochs must be a positive integer, not {epochs!r}")
     run = Run(DeltaStore.open(run_dir)) if not isinstance(run_dir, Run) else run_dir
-    spec = run.spec
-    if not spec.get("model_spec"):
-        raise AmnesiacError("fine-tuning needs the model and data description that `amnesiac train` stores; this "
-                            "run was recorded from Python: reopen it there with Recorder(..., reopen=True)")
-    extra = spec.get("extra", {})
-    bundle = bundle_from_spec(extra.get("data", {}), download=download)
+    setting = TrainingSetting.of_run(run)
+    model_spec = setting.require_model("fine-tuning into the run (from Python: Recorder(..., reopen=True))")
+    bundle = bundle_from_spec(setting.data, download=download)
     gone = forgotten_so_far(run.store)
     retained = bundle.train.without_ids(np.asarray(gone["sample_ids"], np.int64))
     if gone["classes"]:
         retained = retained.without_classes(gone["classes"])
-    model = build_model(spec["model_spec"])
+    model = build_model(model_spec)
     model.load_state_dict(run.final_state())
     model.to(device)
-    opt = make_optimizer(model, extra.get("optimizer", "adam"), extra.get("lr", 1e-3))
+    opt = make_optimizer(model, setting.optimizer, setting.lr)
     start = time.perf_counter()
     with Recorder(model, opt, run.path, reopen=True, request_id=request_id) as rec:
         steps_before = rec.store.num_steps
-        train(model, opt, retained, epochs=epochs, batch_size=extra.get("batch_size", 64),
-              seed=int(extra.get("seed", 0)) + 1 + steps_before, recorder=rec, progress=progress)
+        train(model, opt, retained, epochs=epochs, batch_size=setting.batch_size,
+              seed=setting.seed + 1 + steps_before, recorder=rec, progress=progress)
     after = Run(DeltaStore.open(run.path))
     return {"finetune_epochs": epochs, "steps_added": after.num_steps - steps_before,
             "retained_samples": len(retained), "finetune_seconds": time.perf_counter() - start,
