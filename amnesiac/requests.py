@@ -42,7 +42,8 @@ from deltastore import (DeltaStore, DeltaStoreError, RunRewrite, StoreLockedErro
 
 from .errors import AmnesiacError, ResumeError, RunBusyError, RunDamagedError, RunNotFoundError, SelectionError
 from .receipts import (RECEIPTS, chain_faults, encode, id_ranges, ids_of_ranges, parse, seal, state_sha256)
-from .run import Run, _damage_is_reported, _int_array
+from .run import Run, _damage_is_reported
+from .selection import Selection, int_array
 
 METHOD = "amnesiac: the steps whose batches held the selection are subtracted from the final state and deleted"
 
@@ -68,10 +69,10 @@ def refuse_folded(store: DeltaStore, *, sample_ids=None, classes=None) -> None:
     """Raise :class:`SelectionError` if any selected sample was trained on in a step folded into the start state."""
     folded = folded_metadata(store)
     if sample_ids is not None and "ids" in folded:
-        hit = np.intersect1d(_int_array(sample_ids, "sample ids"), folded["ids"].values)
+        hit = np.intersect1d(int_array(sample_ids, "sample ids"), folded["ids"].values)
         what = f"sample id(s) {hit[:5].tolist()}"
     elif classes is not None and "labels" in folded:
-        hit = np.intersect1d(_int_array(classes, "classes"), folded["labels"].values)
+        hit = np.intersect1d(int_array(classes, "classes"), folded["labels"].values)
         what = f"class(es) {hit[:5].tolist()}"
     else:
         return
@@ -83,12 +84,8 @@ def refuse_folded(store: DeltaStore, *, sample_ids=None, classes=None) -> None:
 
 def _resolve(run: Run, receipts: list[dict], sample_ids, classes) -> tuple[np.ndarray, dict, list]:
     """The steps to undo, the selection as recorded, and the earlier requests that already removed part of it."""
-    given = [n for n, v in (("sample_ids", sample_ids), ("classes", classes)) if v is not None]
-    if len(given) != 1:
-        raise SelectionError("purge needs exactly one of sample_ids= or classes=" if not given else
-                             "purge takes one selection, not both sample_ids and classes")
-    key = given[0]
-    wanted = np.unique(_int_array(sample_ids if key == "sample_ids" else classes, key.replace("_", " ")))
+    selection = Selection.of(sample_ids=sample_ids, classes=classes, kinds=("sample_ids", "classes"))
+    key, wanted = selection.kind, np.unique(selection.values)
     if not wanted.size:
         raise SelectionError(f"the {key.replace('_', ' ')} to purge are empty: nothing to forget")
     refuse_folded(run.store, **{key: wanted})
