@@ -8,8 +8,9 @@ from .errors import (AmnesiacError, DataError, ModelMismatchError, RecorderError
 from .recorder import Recorder
 from .requests import purge
 from .run import Run, UnlearnReport, open_run
+from .sampler import IsolatingBatchSampler
 
-__all__ = ["AmnesiacError", "DataError", "ModelMismatchError", "Recorder", "RecorderError", "ResumeError", "Run",
-           "RunBusyError", "RunDamagedError", "RunExistsError", "RunNotFoundError", "SelectionError", "UnlearnReport",
-           "open_run", "purge"]
+__all__ = ["AmnesiacError", "DataError", "IsolatingBatchSampler", "ModelMismatchError", "Recorder", "RecorderError",
+           "ResumeError", "Run", "RunBusyError", "RunDamagedError", "RunExistsError", "RunNotFoundError",
+           "SelectionError", "UnlearnReport", "open_run", "purge"]
 __version__ = "0.1.0"
