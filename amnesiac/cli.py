@@ -1,4 +1,6 @@
-"""The ``amnesiac`` command line: demo, train, forget, eval. Run ``amnesiac COMMAND --help`` for each."""
+"""The ``amnesiac`` command line: demo, train, forget, eval, experiment, audit.
+
+Run ``amnesiac COMMAND --help`` for each."""
 
 from __future__ import annotations
 
@@ -60,6 +62,11 @@ def cmd_forget(args) -> dict:
     from safetensors.torch import save_file
 
     from .run import open_run
+    if args.purge:  # the request served in place, with a receipt: amnesiac/audit.py
+        from .audit import cmd_purge
+        return cmd_purge(args)
+    if args.out is None:
+        raise AmnesiacError("give --out FILE.safetensors for the new weights (or --purge to forget in place)")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise AmnesiacError(f"{out} exists; pass --overwrite or choose another --out")
@@ -221,11 +228,9 @@ def cmd_eval(args) -> dict:
         print(f"test accuracy: overall {_p(t['overall'])}"
               + (f", forgotten classes {_p(t['forgotten'])}, retained {_p(t['retained'])}" if forget else ""))
         if "mia_loss" in result:
-            print(f"forget set: accuracy {_p(result.get('forget_set'))}, loss-attack recall "
-                  f"{_f(result['mia_loss']['recall'])} (AUC {_f(result['mia_loss']['auc'])})"
-                  + (f", shadow-attack recall {_f(result['mia_shadow']['recall'])} (AUC "
-                     f"{_f(result['mia_shadow']['auc'])}; shadow models' accuracy {_p(result.get('shadow_accuracy'))})"
-                     if "mia_shadow" in result else ""))
+            print(f"forget set: accuracy {_p(result.get('forget_set'))}, loss attack {_attack(result['mia_loss'])}"
+                  + (f", shadow attack {_attack(result['mia_shadow'])} (shadow models' accuracy "
+                     f"{_p(result.get('shadow_accuracy'))})" if "mia_shadow" in result else ""))
         if "distance" in result:
             d = result["distance"]
             print(f"to the reference: weights L2 {_f(d['weights_l2'])} ({_f(d['weights_l2_relative'])} relative), "
@@ -237,6 +242,13 @@ def cmd_eval(args) -> dict:
 
 def _p(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
+
+
+def _attack(r: dict) -> str:
+    """One attack object of `eval --json` as text: recall at its false-positive rate, AUC with its interval."""
+    ci = r.get("auc_ci95") or [None, None]
+    return (f"recall {_f(r['recall'])} at FPR {_f(r.get('fpr'))}, AUC {_f(r['auc'])} [95% CI {_f(ci[0])}, "
+            f"{_f(ci[1])}], TPR at 1% FPR {_f(r.get('tpr_at_1pct_fpr'))}")
 
 
 def _f(x, digits: int = 3) -> str:
@@ -273,9 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # `train` handles Ctrl-C itself; elsewhere nothing half-done is left to keep
         print(f"amnesiac {args.command}: interrupted", file=sys.stderr)
         return 130
-    if args.json:
+    if args.json and result is not None:
         print(json.dumps(result, indent=1, default=_jsonable))
-    return 0
+    return getattr(args, "exit_status", 0)  # audit --verify: 1 when it finds a fault
 
 
 def _jsonable(o):

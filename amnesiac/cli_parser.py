@@ -79,7 +79,13 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     sel.add_argument("--samples", metavar="IDS", help=f"sample ids to forget {one}")
     sel.add_argument("--classes", metavar="IDS", help=f"classes to forget; the run must have recorded labels {one}")
     sel.add_argument("--steps", metavar="IDS", help=f"steps to undo, numbered from 0 {one}")
-    f.add_argument("--out", required=True, help="the FILE.safetensors to write (required)")
+    f.add_argument("--out", help="the FILE.safetensors to write (required unless --purge; with --purge: a copy of "
+                   "the run's new final state)")
+    f.add_argument("--purge", action="store_true",
+                   help="forget in place: undo the steps from the run's final state, delete their deltas and ledger "
+                   "records, and append a receipt (see `amnesiac audit`); --finetune-epochs K then records the "
+                   "fine-tune into the run (default: off, the run is left as it is)")
+    f.add_argument("--request-id", help="with --purge: the request's id in its receipt (default request-N)")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     f.add_argument("--method", default="amnesiac", choices=list(METHODS),
                    help="amnesiac (default: undo the steps), amnesiac-finetune, or a baseline: retrain (from the "
@@ -108,8 +114,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     e.add_argument("--reference", help="FILE.safetensors to measure the distance to, e.g. from `forget --method "
                    "retrain` (default: none)")
     e.add_argument("--shadows", type=non_negative_int, default=0,
-                   help="shadow models for the paper's membership inference attack (default 0: only the "
-                   "loss-threshold attack; 4 is a good choice)")
+                   help="shadow models for the membership inference attack (default 0: only the loss-threshold "
+                   "attack; 4 is a good choice): trained like the target (same class mix and optimizer steps) on "
+                   "its retained data plus half of the held-out data; attacks are scored on a disjoint quarter")
     e.add_argument("--download", action="store_true", help="let torchvision download the run's data set "
                    "(default: offline)")
     e.set_defaults(func=commands["eval"])
@@ -130,4 +137,6 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     x.set_defaults(func=commands["experiment"])
     for sp in (d, t, f, e, x):
         sp.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: text)")
+    from .audit import add_audit_parser
+    add_audit_parser(sub)
     return p

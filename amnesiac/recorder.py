@@ -39,10 +39,11 @@ import numpy as np
 import torch
 
 from deltastore import (DEFAULT_BUFFER_BYTES, AsyncStepWriter, DeltaStore, LayoutMismatchError, ReadOnlyError,
-                        StoreExistsError, StoreNotFoundError, WriterError, check_state_at)
+                        StoreExistsError, StoreNotFoundError, WriterError, check_state_at, log_tail_crc32c)
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ModelMismatchError, RecorderError, ResumeError, RunExistsError, RunNotFoundError
+from .loops import StepTrigger, as_optimizers, check_dtypes, recorded_state, unwrap_model
 
 RUN_FORMAT = 1
 
@@ -68,8 +69,18 @@ class Recorder:
         durable: fsync each step before committing it (survives power loss, not only a killed process).
         slots, max_buffer_bytes: the host ring buffer between the training thread and the writer thread.
         model_spec: JSON describing how to rebuild the model (used by the command line); free for the caller.
+        record_on: with several optimizers stepping one model (a list as ``optimizer``), the one whose step ends
+            a recorded step (the optimizer or its index; the last one by default): one recorded step per iteration.
+        scaler: the ``torch.amp.GradScaler`` of an AMP loop: a step it skips (inf/NaN gradients) records nothing,
+            and the samples declared for it are dropped (that step changed nothing), not charged to the next one.
+        process_group: under ``torch.distributed`` (DDP or FSDP2, see :mod:`amnesiac.distributed`) every rank
+            constructs the Recorder with the same ``run_dir``; ``"auto"`` uses the default group when it has more
+            than one rank, ``None`` records as one process.
         resume: continue an incomplete run (one left by a crash, or closed with ``finalize=False``) instead of
             creating one. ``codec``, ``backend``, ``chunk_elems`` and ``durable`` are then the run's own.
+        reopen: record more steps into a complete run (a fine-tune after ``amnesiac.purge``); the model must hold
+            ``open_run(run_dir).final_state()``. Closing writes the new final state (and, if the run has deletion
+            receipts, a ``finetune`` receipt naming ``request_id``).
         checkpoint: with ``resume``, a file written by :meth:`checkpoint`: the model and optimizer are loaded from
             it, the run is cut back to the step it was taken at (later committed steps are dropped: the training
             repeats them) and step numbering continues from there. Without it, the model must already hold the
@@ -85,24 +96,32 @@ class Recorder:
                  codec: str = "fp32", backend: str = "zarr", chunk_elems: int = 1 << 20, durable: bool = True,
                  slots: int | None = None, max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  model_spec: dict | None = None, extra: dict | None = None, resume: bool = False,
-                 checkpoint: str | Path | None = None):
+                 checkpoint: str | Path | None = None, record_on=None, scaler=None, process_group="auto",
+                 reopen: bool = False, request_id: str | None = None):
         self.model, self.optimizer = model, optimizer
+        self._module = unwrap_model(model)  # DDP / torch.compile wrappers: store the plain module's names
+        optimizers = as_optimizers(optimizer)
         self.epoch = 0  # stored with every step; set it from the training loop if you like
         residual = None
+        self._finalize_attachments = None
         if checkpoint is not None and not resume:
             raise RecorderError("checkpoint= is for resuming a run: pass resume=True as well")
-        if resume:
+        if reopen:  # more steps into a complete (e.g. purged) run: see amnesiac/requests.py
+            from .requests import reopen_run
+            self.store, residual, self._finalize_attachments = reopen_run(run_dir, self._module, request_id)
+            state = self._state()
+        elif resume:
             self.store = _open_for_resume(run_dir)
             try:
                 residual = self._resume(checkpoint)
             except BaseException:
                 self.store.close()
                 raise
-            state = model.state_dict()
+            state = self._state()
         else:
-            state = model.state_dict()
-            attrs = {"amnesiac": {"format": RUN_FORMAT, "model_class": type(model).__qualname__,
-                                  "model_spec": model_spec, "extra": extra or {}}}
+            state = self._state()
+            attrs = {"amnesiac": {"format": RUN_FORMAT, "model_class": type(self._module).__qualname__,
+                                  "model_spec": model_spec, "extra": extra or {}, **self._more_attrs()}}
             try:
                 self.store = DeltaStore.create(run_dir, state, codec=codec, backend=backend,
                                                chunk_elems=chunk_elems, durable=durable, attrs=attrs)
@@ -121,19 +140,42 @@ class Recorder:
         self._ids: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._closed = False
-        self._hook = optimizer.register_step_post_hook(self._on_step)
+        self._dtypes = {e.name: state[e.name].dtype for e in self.layout.entries}
+        self._trigger = StepTrigger(optimizers, self._record_step, self._drop_pending, record_on=record_on,
+                                    scaler=scaler)
+
+    def __new__(cls, model=None, *args, process_group="auto", **kwargs):
+        if cls is Recorder:  # under torch.distributed every rank gets the distributed recorder
+            from .distributed import recorder_class
+            cls = recorder_class(process_group)
+        return super().__new__(cls)
+
+    def _more_attrs(self) -> dict:
+        """Further run attributes of a subclass (the sharding of an FSDP2 run)."""
+        return {}
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        """The tensors recorded: the unwrapped module's state_dict (see :func:`amnesiac.loops.recorded_state`)."""
+        return recorded_state(self._module)
+
+    def _drop_pending(self) -> None:
+        """The step the declared samples were for was skipped (a GradScaler found inf/NaN): they trained nothing."""
+        self._ids, self._labels = [], []
 
     # ------------------------------------------------------------ resuming
     def _resume(self, checkpoint) -> torch.Tensor | None:
         """Load the checkpoint (if any), check the model is at a committed step, cut the run back to it."""
         store = self.store
         try:
-            store.layout.check(self.model.state_dict())
+            store.layout.check(self._state())
         except LayoutMismatchError as e:
             raise ModelMismatchError(f"cannot resume {store.path}: {e}") from None
         residual = None
-        if checkpoint is not None:
-            info = load_checkpoint(checkpoint, self.model, self.optimizer, for_store=store)
+        if isinstance(checkpoint, dict):  # a position(): the trainer restored the model and optimizer itself
+            _check_position(checkpoint, store)
+            step, residual, self.epoch = checkpoint["step"], checkpoint.get("residual"), checkpoint["epoch"]
+        elif checkpoint is not None:
+            info = load_checkpoint(checkpoint, self._module, self.optimizer, for_store=store)
             step, residual, self.epoch = info["step"], info.get("residual"), info["epoch"]
         else:
             if store.codec.lossy:
@@ -141,7 +183,7 @@ class Recorder:
                                   "residual is kept only in checkpoints: resume with checkpoint=<a file written "
                                   "by Recorder.checkpoint>")
             step = store.num_steps
-        _check_state_at(store, self.model.state_dict(), step, residual)
+        _check_state_at(store, self._state(), step, residual)
         store.truncate(step)
         return residual
 
@@ -152,17 +194,37 @@ class Recorder:
         (tensors) with JSON metadata; no pickle. Pass it to ``Recorder(..., resume=True, checkpoint=path)`` after
         a crash. Returns the step number the checkpoint was taken at (the number of committed steps).
         """
+        store = self._settle("checkpoints")
+        step = store.num_steps
+        save_checkpoint(path, self._module, self.optimizer, step=step, epoch=self.epoch, store=store,
+                        residual=self._encoder.residual, durable=store.meta["durable"])
+        return step
+
+    def _settle(self, what: str) -> DeltaStore:
+        """Between steps only: record any trailing change and wait until every step so far is committed."""
         if self._closed:
             raise RecorderError("the Recorder is closed")
         if self._ids or self._labels:
-            raise RecorderError("take checkpoints between steps: add_batch was called for a step not taken yet")
+            raise RecorderError(f"take {what} between steps: add_batch was called for a step not taken yet")
         self._record_trailing_change()
         self._writer.flush()
-        store = self.store
-        step = store.num_steps
-        save_checkpoint(path, self.model, self.optimizer, step=step, epoch=self.epoch, store=store,
-                        residual=self._encoder.residual, durable=store.meta["durable"])
-        return step
+        return self.store
+
+    def position(self) -> dict:
+        """The recording position at the current (committed) step, for a trainer's own checkpoint.
+
+        Trainers (Lightning, the Hugging Face Trainer) save the model and optimizer themselves; this is what the
+        Recorder adds: ``{"run_uid", "step", "log_bytes", "log_tail_crc32c", "epoch"}`` (JSON) and ``"residual"``
+        (a lossy codec's error-feedback residual, a CPU tensor, or None). After the trainer restored the model and
+        optimizer saved with it, ``Recorder(model, optimizer, run_dir, resume=True, checkpoint=position)`` continues
+        the run from there. Waits until every step so far is committed.
+        """
+        store = self._settle("the position")
+        log_bytes = store.commit_record["log_bytes"]
+        residual = self._encoder.residual
+        return {"run_uid": store.uid, "step": store.num_steps, "log_bytes": log_bytes,
+                "log_tail_crc32c": log_tail_crc32c(store, log_bytes), "epoch": int(self.epoch),
+                "residual": None if residual is None else residual.detach().cpu().clone()}
 
     load_checkpoint = staticmethod(lambda path, model, optimizer: load_checkpoint(path, model, optimizer))
 
@@ -194,12 +256,10 @@ class Recorder:
         if labels is not None:
             self._labels.append(labels)
 
-    def _on_step(self, optimizer, args, kwargs) -> None:
-        self._record_step()
-
     def _record_step(self) -> None:
         """Record ``S_now - S_prev`` as the next step, with the ids declared since the previous one."""
-        state = self.model.state_dict()
+        state = self._state()
+        check_dtypes(state, self._dtypes, self.steps_submitted)
         self._writer.wait_copy_done()  # the delta buffer is still being copied out for the previous step
         with torch.no_grad():
             for e in self.layout.entries:
@@ -225,10 +285,14 @@ class Recorder:
         and both unlearning plans keep agreeing. Ids declared for a step that never came are not recorded."""
         if self._writer.failed:
             return
-        state = self.model.state_dict()
+        state = self._state()
+        check_dtypes(state, self._dtypes, self.steps_submitted)
         now = self.layout.flatten(state, out=torch.empty_like(self._prev))
-        if torch.equal(now, self._prev):
-            return
+        if not torch.equal(now, self._prev):
+            self._submit_change(now)
+
+    def _submit_change(self, now: torch.Tensor) -> None:
+        """Record ``now - S_prev`` (flat) as a step without samples."""
         self._ids, self._labels = [], []
         self._writer.wait_copy_done()
         with torch.no_grad():
@@ -249,7 +313,7 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        self._hook.remove()
+        self._trigger.remove()
         try:
             already_told = self._writer.failed and self._writer.error_reported
             if finalize and not self._writer.failed:
@@ -270,8 +334,9 @@ class Recorder:
                                     f"stays incomplete with its {self.store.num_steps} committed steps, which "
                                     "remain usable. Resume it from a checkpoint to record the rest.")
             if finalize:
-                residual = self._encoder.residual
-                self.store.finalize(self.model.state_dict(), residual)
+                residual, state = self._encoder.residual, self._state()
+                extra = self._finalize_attachments(state) if self._finalize_attachments else None
+                self.store.finalize(state, residual, attachments=extra)
         finally:
             self.store.close()
 
@@ -290,7 +355,21 @@ def _open_for_resume(run_dir) -> DeltaStore:
         raise RunNotFoundError(str(e)) from None
     except ReadOnlyError:
         raise RecorderError(f"{run_dir} holds a complete run (closed normally); there is nothing to resume. "
-                            "Record into a new directory.") from None
+                            "Record into a new directory, or pass reopen=True to record more steps into it.") from None
+
+
+def _check_position(position: dict, store: DeltaStore) -> None:
+    """A position from :meth:`Recorder.position` must belong to this run and to the history it holds now."""
+    ints = ("step", "log_bytes", "log_tail_crc32c", "epoch")
+    if not all(type(position.get(k)) is int for k in ints) or not isinstance(position.get("residual"),
+                                                                               (torch.Tensor, type(None))):
+        raise ResumeError("checkpoint= must be a checkpoint file or a dict returned by Recorder.position()")
+    if position.get("run_uid") != store.uid:
+        raise ResumeError(f"the recording position belongs to another run than {store.path}")
+    if position["step"] > store.num_steps or store.commit_record["log_bytes"] < position["log_bytes"] \
+            or log_tail_crc32c(store, position["log_bytes"]) != position["log_tail_crc32c"]:
+        raise ResumeError(f"the recording position (step {position['step']}) does not match the steps {store.path} "
+                          "committed (a position from another history of this run, cut back since)")
 
 
 def _check_state_at(store: DeltaStore, state: dict, step: int, residual: torch.Tensor | None) -> None:

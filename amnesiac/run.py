@@ -92,6 +92,9 @@ class UnlearnReport:
 
 def open_run(path: str | Path) -> Run:
     """Open a recorded run for reading (also an incomplete one left by a crash: see :attr:`Run.complete`)."""
+    from .sharded import is_sharded_run, open_sharded_run
+    if is_sharded_run(path):  # recorded under FSDP2: one store per rank (amnesiac.sharded)
+        return open_sharded_run(path)
     try:
         with _damage_is_reported(path):
             return Run(DeltaStore.open(path))
@@ -174,6 +177,8 @@ class Run:
                 return self.store.check_steps(wanted)
             except StepSelectionError as e:  # its message names the committed range
                 raise SelectionError(str(e)) from None
+        from .requests import refuse_folded  # samples whose steps retention folded away cannot be undone
+        refuse_folded(self.store, **{selection.kind: wanted})
         fields = self._fields()
         if "ids" not in fields:
             return np.zeros(0, np.int64)
