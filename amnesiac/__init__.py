@@ -7,7 +7,8 @@ from .errors import (AmnesiacError, DataError, ModelMismatchError, RecorderError
                      RunDamagedError, RunExistsError, RunNotFoundError, SelectionError)
 from .recorder import Recorder
 from .run import Run, UnlearnReport, open_run
+from .sampler import IsolatingBatchSampler
 
-__all__ = ["AmnesiacError", "DataError", "ModelMismatchError", "Recorder", "RecorderError",
+__all__ = ["AmnesiacError", "DataError", "IsolatingBatchSampler", "ModelMismatchError", "Recorder", "RecorderError",
            "ResumeError", "Run", "RunDamagedError", "RunExistsError", "RunNotFoundError", "SelectionError", "UnlearnReport", "open_run"]
 __version__ = "0.1.0"
