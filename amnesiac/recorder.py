@@ -43,6 +43,7 @@ from deltastore import (DEFAULT_BUFFER_BYTES, AsyncStepWriter, DeltaStore, Layou
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ModelMismatchError, RecorderError, ResumeError, RunExistsError, RunNotFoundError
+from .selective import LEDGER_FIELD, DeletableRule
 
 RUN_FORMAT = 1
 
@@ -75,6 +76,11 @@ class Recorder:
             repeats them) and step numbering continues from there. Without it, the model must already hold the
             state at the run's last committed step (``open_run(run_dir).final_state()``); only exact (fp32) runs
             can resume that way, since a lossy codec's residual lives only in checkpoints.
+        deletable: record selectively: an array of the sample ids that may have to be forgotten, or a callable
+            ``id -> bool``. Only steps whose batch holds at least one of them store a delta; every step keeps its
+            ledger record. Only these samples can be unlearned from the run (see :mod:`amnesiac.selective`); pair it
+            with :class:`amnesiac.IsolatingBatchSampler` so that few steps hold them. A selective run resumes only
+            from a checkpoint, with the same ``deletable``.
 
     Resuming checks that the model's state equals theta_0 plus the kept steps (plus the checkpoint's residual)
     within float32 rounding, reading those steps once, so that the recorded deltas keep adding up to the model's
@@ -85,8 +91,10 @@ class Recorder:
                  codec: str = "fp32", backend: str = "zarr", chunk_elems: int = 1 << 20, durable: bool = True,
                  slots: int | None = None, max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  model_spec: dict | None = None, extra: dict | None = None, resume: bool = False,
-                 checkpoint: str | Path | None = None):
+                 checkpoint: str | Path | None = None, deletable=None):
         self.model, self.optimizer = model, optimizer
+        # selective recording: only steps whose batch holds a deletable sample keep their delta (amnesiac/selective.py)
+        self._deletable = None if deletable is None else DeletableRule.of(deletable)
         self.epoch = 0  # stored with every step; set it from the training loop if you like
         residual = None
         if checkpoint is not None and not resume:
@@ -103,6 +111,8 @@ class Recorder:
             state = model.state_dict()
             attrs = {"amnesiac": {"format": RUN_FORMAT, "model_class": type(model).__qualname__,
                                   "model_spec": model_spec, "extra": extra or {}}}
+            if self._deletable is not None:
+                attrs["amnesiac"]["deletable"] = self._deletable.attrs()
             try:
                 self.store = DeltaStore.create(run_dir, state, codec=codec, backend=backend,
                                                chunk_elems=chunk_elems, durable=durable, attrs=attrs)
@@ -131,6 +141,7 @@ class Recorder:
             store.layout.check(self.model.state_dict())
         except LayoutMismatchError as e:
             raise ModelMismatchError(f"cannot resume {store.path}: {e}") from None
+        selective = _check_same_deletable(store, self._deletable, checkpoint)
         residual = None
         if checkpoint is not None:
             info = load_checkpoint(checkpoint, self.model, self.optimizer, for_store=store)
@@ -141,7 +152,8 @@ class Recorder:
                                   "residual is kept only in checkpoints: resume with checkpoint=<a file written "
                                   "by Recorder.checkpoint>")
             step = store.num_steps
-        _check_state_at(store, self.model.state_dict(), step, residual)
+        if not selective:  # a selective run's stored deltas do not add up to any state: the checkpoint is trusted
+            _check_state_at(store, self.model.state_dict(), step, residual)
         store.truncate(step)
         return residual
 
@@ -195,7 +207,13 @@ class Recorder:
             self._labels.append(labels)
 
     def _on_step(self, optimizer, args, kwargs) -> None:
-        self._record_step()
+        if self._deletable is not None and not self._step_has_deletable():
+            self._skip_step()
+        else:
+            self._record_step()
+
+    def _step_has_deletable(self) -> bool:
+        return any(self._deletable.mask(ids).any() for ids in self._ids)
 
     def _record_step(self) -> None:
         """Record ``S_now - S_prev`` as the next step, with the ids declared since the previous one."""
@@ -212,11 +230,23 @@ class Recorder:
         self._ids, self._labels = [], []
         self._writer.submit(streams, side, metadata)
 
+    def _skip_step(self) -> None:
+        """Selective recording, a step without deletable samples: its ledger record only; S_prev follows the model so
+        that the next stored delta is that step's alone."""
+        self._writer.wait_copy_done()
+        with torch.no_grad():
+            self.layout.flatten(self.model.state_dict(), out=self._prev)
+        metadata = self._step_metadata()
+        self._ids, self._labels = [], []
+        self._writer.submit_unstored(metadata)
+
     def _step_metadata(self) -> dict[str, np.ndarray]:
         metadata = {"ids": np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64),
                     "epoch": np.array([self.epoch], np.int64)}
         if self._labels:
             metadata["labels"] = np.concatenate(self._labels)
+        if self._deletable is not None:
+            metadata[LEDGER_FIELD] = metadata["ids"][self._deletable.mask(metadata["ids"])]
         return metadata
 
     def _record_trailing_change(self) -> None:
@@ -230,6 +260,9 @@ class Recorder:
         if torch.equal(now, self._prev):
             return
         self._ids, self._labels = [], []
+        if self._deletable is not None:  # no samples, so nothing deletable: a ledger record only
+            self._skip_step()
+            return
         self._writer.wait_copy_done()
         with torch.no_grad():
             streams, side = self._encoder.encode(torch.sub(now, self._prev, out=self._delta))
@@ -291,6 +324,22 @@ def _open_for_resume(run_dir) -> DeltaStore:
     except ReadOnlyError:
         raise RecorderError(f"{run_dir} holds a complete run (closed normally); there is nothing to resume. "
                             "Record into a new directory.") from None
+
+
+def _check_same_deletable(store: DeltaStore, deletable: DeletableRule | None, checkpoint) -> bool:
+    """Raise :class:`ResumeError` unless ``deletable`` is the declaration the run was recorded with; True for a
+    selective run (which resumes only from a checkpoint)."""
+    declared = store.attrs.get("amnesiac", {}).get("deletable") if isinstance(store.attrs, dict) else None
+    if (declared is None) != (deletable is None):
+        raise ResumeError(f"{store.path} was recorded " + ("selectively: pass the same deletable= to resume it"
+                          if declared is not None else "in full: resume it without deletable="))
+    if declared is not None and declared.get("rule") != deletable.attrs()["rule"] or (
+            declared is not None and declared.get("crc32c") is not None and deletable.attrs() != declared):
+        raise ResumeError(f"deletable= is not the declaration {store.path} was recorded with; pass the same ids")
+    if declared is not None and checkpoint is None:
+        raise ResumeError(f"{store.path} was recorded selectively: resume it from a checkpoint (checkpoint=PATH), "
+                          "since its stored deltas alone do not rebuild the model's state")
+    return declared is not None
 
 
 def _check_state_at(store: DeltaStore, state: dict, step: int, residual: torch.Tensor | None) -> None:

@@ -25,7 +25,9 @@ def cmd_info(args) -> int:
         print(json.dumps(info, indent=1))
         return 0
     err = info["codec_error"]
-    print(f"{info['path']}: {info['status']}, {info['steps']} steps of {info['elements']:,} elements "
+    stored = ("" if info["stored_steps"] == info["steps"] else
+              f" ({info['stored_steps']} stored: recorded selectively)")
+    print(f"{info['path']}: {info['status']}, {info['steps']} steps{stored} of {info['elements']:,} elements "
           f"({info['tensors']} tensors)\n"
           f"codec {info['codec']}{' (lossy)' if info['lossy'] else ' (exact)'}, backend {info['backend']}"
           + (f", codec error {err:.3g}" if err is not None else "") + "\n"
@@ -42,7 +44,8 @@ def cmd_verify(args) -> int:
         for fault in report["faults"]:
             print(f"FAULT {fault}")
         extra = (f"; reconstruction error {report['reconstruction_error']:.3g}"
-                 if "reconstruction_error" in report else "")
+                 if "reconstruction_error" in report else f"; reconstruction {report['reconstruction']}"
+                 if "reconstruction" in report else "")
         print(f"{'OK' if report['ok'] else 'DAMAGED'}: {report['steps_checked']} steps checked{extra}")
     return 0 if report["ok"] else 1
 

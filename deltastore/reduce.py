@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .devices import resolve_device
-from .errors import CorruptionError
+from .errors import CorruptionError, StepSelectionError
 
 DEFAULT_INFLIGHT_BYTES = 512 << 20
 DEFAULT_BLOCK_BYTES = 16 << 20  # small enough that a ResNet-18 gives every thread a block of its own
@@ -60,7 +60,16 @@ class ReduceResult:
 
 
 def plan_unlearning(store, undo: np.ndarray) -> UnlearnPlan:
-    """Choose the plan that reads fewer steps (only the start path exists for a run that was not finalized)."""
+    """Choose the plan that reads fewer steps (only the start path exists for a run that was not finalized).
+
+    A selective store (some steps not stored) has only the first plan, for stored steps of a finalized store:
+    :class:`StepSelectionError` otherwise."""
+    if store.selective:
+        store.check_stored(undo)
+        if not store.complete:
+            raise StepSelectionError(f"{store.path} was recorded selectively and not finalized: without its final "
+                                     "state no step can be undone (the steps not stored are needed to rebuild it)")
+        return UnlearnPlan("final", undo, -1.0, False, undo)
     others = np.setdiff1d(np.arange(store.num_steps, dtype=np.int64), undo)
     if store.complete and len(undo) <= len(others):
         return UnlearnPlan("final", undo, -1.0, False, undo)

@@ -69,6 +69,7 @@ MAX_SNAPSHOT_BYTES = 1 << 40
 MAX_SAFETENSORS_HEADER = 100_000_000  # what the safetensors library itself accepts
 DEFAULT_CHUNK_ELEMS = 1 << 20  # 4 MiB of float32 per chunk
 MIN_PADDED_CHUNK = 1 << 17
+UNSTORED_FIELD = "_unstored"  # step-log field present (one element) on a step committed without its delta
 
 
 class DeltaStore:
@@ -221,9 +222,14 @@ class DeltaStore:
         return self.meta["attrs"]
 
     # ---------------------------------------------------------------- writing
-    def append(self, streams: Mapping[str, np.ndarray], side: Mapping[str, np.ndarray],
+    def append(self, streams: Mapping[str, np.ndarray] | None, side: Mapping[str, np.ndarray] | None,
                metadata: Mapping[str, np.ndarray]) -> int:
-        """Write one encoded step and commit it with its metadata; returns the step number."""
+        """Write one encoded step and commit it with its metadata; returns the step number.
+
+        ``streams=None`` (and ``side=None``) commits a step whose delta is not stored (selective recording): it
+        keeps its number and metadata, but it can be neither read nor undone, and ``S_0 + sum(deltas) == S_T`` no
+        longer holds for the store (see :attr:`stored_mask`).
+        """
         if not self.writable:
             raise ReadOnlyError(f"{self.path} was opened for reading; open it with writable=True to append")
         if self.complete:
@@ -232,9 +238,13 @@ class DeltaStore:
         fields = {k: np.asarray(v) for k, v in metadata.items()}
         if any(k.startswith("_") for k in fields):
             raise FormatError("metadata names starting with '_' are reserved for the store")
-        fields.update({f"_{k}": np.asarray(v, np.float32) for k, v in side.items()})
+        if streams is None:
+            fields[UNSTORED_FIELD] = np.ones(1, np.int32)
+        else:
+            fields.update({f"_{k}": np.asarray(v, np.float32) for k, v in side.items()})
         try:
-            fields.update(self.backend.write_step(step, dict(streams)))
+            if streams is not None:
+                fields.update(self.backend.write_step(step, dict(streams)))
             log_bytes = self._log.append(step, fields)
             self._write_commit(_sealed({**self._commit, "steps": step + 1, "log_bytes": log_bytes}))
         except BaseException:
@@ -298,6 +308,27 @@ class DeltaStore:
             self._table = read_step_log(self.path / "steps.log", committed_bytes=self._commit["log_bytes"],
                                         num_steps=self.num_steps)
         return self._table
+
+    @property
+    def stored_mask(self) -> np.ndarray:
+        """One bool per committed step: False for a step committed without its delta (selective recording)."""
+        unstored = self._step_table().get(UNSTORED_FIELD)
+        if unstored is None:
+            return np.ones(self.num_steps, bool)
+        return np.diff(unstored.offsets) == 0
+
+    @property
+    def selective(self) -> bool:
+        """True if some committed step was not stored: only stored steps can be undone, and only from S_T."""
+        return UNSTORED_FIELD in self._step_table()
+
+    def check_stored(self, steps: np.ndarray) -> None:
+        """Raise :class:`StepSelectionError` naming the steps among ``steps`` (checked, sorted) that were not
+        stored."""
+        missing = steps[~self.stored_mask[steps]] if steps.size else steps
+        if missing.size:
+            raise StepSelectionError(f"{missing.size} of the selected steps were not stored (selective recording), "
+                                     f"e.g. {missing[:5].tolist()}: they cannot be read or undone")
 
     def side_arrays(self, step: int) -> dict[str, np.ndarray]:
         """The store-internal per-step arrays (codec scales, backend checksums) of ``step``, without the '_'."""
@@ -369,7 +400,9 @@ class DeltaStore:
     def sum_steps(self, steps: Iterable[int], *, device: str | torch.device = "cpu", **reduce_options) -> torch.Tensor:
         """Sum of the decoded deltas of ``steps`` as one flat float32 tensor on ``device`` (streamed, bounded)."""
         from .reduce import reduce_steps
-        return reduce_steps(self, self.check_steps(steps), device=resolve_device(device), **reduce_options).total
+        steps = self.check_steps(steps)
+        self.check_stored(steps)
+        return reduce_steps(self, steps, device=resolve_device(device), **reduce_options).total
 
     def state_without(self, steps: Iterable[int], *, device: str | torch.device = "cpu",
                       **reduce_options) -> torch.Tensor:
@@ -394,10 +427,11 @@ class DeltaStore:
     # ---------------------------------------------------------------- reporting
     def info(self) -> dict:
         bytes_on_disk = directory_bytes(self.path)
-        raw = self.num_steps * self.layout.numel * 4
+        stored = int(self.stored_mask.sum())
+        raw = stored * self.layout.numel * 4
         delta_bytes = directory_bytes(self.path / "deltas")
         return {"path": str(self.path), "format_version": self.meta["version"], "status": self.status,
-                "steps": self.num_steps, "codec": self.codec.name, "lossy": self.codec.lossy,
+                "steps": self.num_steps, "stored_steps": stored, "codec": self.codec.name, "lossy": self.codec.lossy,
                 "backend": self.meta["backend"], "tensors": len(self.layout.entries), "elements": self.layout.numel,
                 "chunk_elems": self.codec.chunk_elems, "bytes_on_disk": bytes_on_disk, "delta_bytes": delta_bytes,
                 "raw_fp32_bytes": raw, "ratio": (delta_bytes / raw) if raw else math.nan,

@@ -112,6 +112,18 @@ class AsyncStepWriter:
         self._work.put((step, index, event, dict(metadata)))
         return step
 
+    def submit_unstored(self, metadata: Mapping[str, np.ndarray]) -> int:
+        """Queue a step committed with its metadata but without a delta (selective recording, see
+        :meth:`DeltaStore.append`); returns its step number. Takes no slot."""
+        self._raise_pending()
+        if self._closed:
+            raise DeltaStoreError("the writer is closed")
+        step = self._next_step
+        self._next_step += 1
+        self.stats["steps_submitted"] += 1
+        self._work.put((step, None, None, dict(metadata)))
+        return step
+
     @staticmethod
     def _fill(slot: dict[str, torch.Tensor], streams: Mapping[str, torch.Tensor],
               side: Mapping[str, torch.Tensor]) -> None:
@@ -179,7 +191,10 @@ class AsyncStepWriter:
             try:
                 if event is not None:
                     event.synchronize()  # even after a failure: a slot goes back to the ring only once copied into
-                if self._error is None:
+                if self._error is None and index is None:
+                    if self.store.append(None, None, metadata) != step:
+                        raise DeltaStoreError(f"step numbering diverged at step {step}")
+                elif self._error is None:
                     t0 = time.perf_counter()
                     slot = self._slots[index]
                     streams = {k: slot[k].numpy().view(dt) for k, dt in self._dtypes.items()}
@@ -193,5 +208,6 @@ class AsyncStepWriter:
                 if self._error is None:
                     self._error = (step, exc)
             finally:
-                self._free.put(index)
+                if index is not None:
+                    self._free.put(index)
                 self._work.task_done()
