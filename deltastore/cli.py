@@ -1,4 +1,4 @@
-"""The ``deltastore`` command line: ``info`` and ``verify`` a store or run directory."""
+"""The ``deltastore`` command line: ``info`` and ``verify`` a store or run directory, ``plan`` a recording."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 
 from .errors import DeltaStoreError
+from .plan import calibration, plan
 from .store import DeltaStore
 from .verify import verify_store
 
@@ -50,6 +51,24 @@ def cmd_verify(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_plan(args) -> int:
+    params = args.params if args.params is not None else calibration()["models"][args.model]
+    p = plan(params=params, steps=args.steps, codec=args.codec, epochs=args.epochs,
+             deletable_fraction=args.deletable_fraction, batch_size=args.batch_size, isolate=args.isolate,
+             calibrate=args.calibrate)
+    if args.json:
+        print(json.dumps(p, indent=1))
+        return 0
+    print(f"{p['steps']} steps of {p['params']:,} floats, codec {p['codec']}: {p['stored_steps']} steps stored\n"
+          f"raw fp32 {_human(p['raw_fp32_bytes'])}, on disk {_human(p['bytes_on_disk'])} (ratio "
+          f"{p['figures']['ratio']:.3g}, with S_0, S_T and the ledger)\n"
+          f"written per step {_human(p['write_bytes_per_step'])} on average; the writer takes "
+          f"{p['writer_seconds_per_stored_step']:.3f} s per stored step on 2 cores\n"
+          f"forget one sample: {p['steps_undone_per_sample']} steps undone, about "
+          f"{p['forget_one_sample_seconds']:.2f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltastore", description="Inspect and check delta stores (run directories).",
                                 epilog="Exit status: 0 sound, 1 damaged (verify), 2 not a readable store.")
@@ -62,6 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
+    pl = sub.add_parser("plan", help="estimate a recording's size and the cost of forgetting, before the run",
+                        description="Estimate raw_fp32_bytes, bytes_on_disk, write_bytes_per_step and "
+                        "forget_one_sample_seconds from the ratios and speeds the benchmarks measured (shipped with "
+                        "the package, each figure with its source) or from an existing run (--calibrate RUN). "
+                        "Example: deltastore plan --model resnet18 --steps 7813 --epochs 10 --codec fp16 "
+                        "--deletable-fraction 0.01 --batch-size 64 --isolate")
+    size = pl.add_mutually_exclusive_group(required=True)
+    size.add_argument("--params", type=int, help="floats per step (the model's floating state_dict elements)")
+    size.add_argument("--model", choices=["resnet18", "resnet50"], help="a model whose size is known (ImageNet head)")
+    pl.add_argument("--steps", type=int, required=True, help="optimizer steps of the training")
+    pl.add_argument("--codec", required=True, help="fp32, fp16, bf16 or topk:F")
+    pl.add_argument("--epochs", type=int, default=1,
+                    help="epochs the steps make (each sample is seen once per epoch; default 1)")
+    pl.add_argument("--deletable-fraction", type=float, help="record selectively: this fraction may be forgotten")
+    pl.add_argument("--batch-size", type=int, help="samples per step (for plain shuffling and the ledger)")
+    pl.add_argument("--isolate", action="store_true", help="the deletable samples are batched together "
+                    "(amnesiac.IsolatingBatchSampler)")
+    pl.add_argument("--calibrate", metavar="RUN", help="take the ratio and the reduce speed from this run")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
     return p
 
 
