@@ -39,11 +39,12 @@ import numpy as np
 import torch
 
 from deltastore import (DEFAULT_BUFFER_BYTES, AsyncStepWriter, DeltaStore, LayoutMismatchError, ReadOnlyError,
-                        StoreExistsError, StoreNotFoundError, WriterError, check_state_at)
+                        StoreExistsError, StoreNotFoundError, WriterError, check_state_at, log_tail_crc32c)
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ModelMismatchError, RecorderError, ResumeError, RunExistsError, RunNotFoundError
-from .selective import LEDGER_FIELD, DeletableRule
+from .loops import StepTrigger, as_optimizers, check_dtypes, recorded_state, unwrap_model
+from .selective import LEDGER_FIELD, DeletableRule, check_same_declaration
 
 RUN_FORMAT = 1
 
@@ -69,6 +70,13 @@ class Recorder:
         durable: fsync each step before committing it (survives power loss, not only a killed process).
         slots, max_buffer_bytes: the host ring buffer between the training thread and the writer thread.
         model_spec: JSON describing how to rebuild the model (used by the command line); free for the caller.
+        record_on: with several optimizers stepping one model (a list as ``optimizer``), the one whose step ends
+            a recorded step (the optimizer or its index; the last one by default): one recorded step per iteration.
+        scaler: the ``torch.amp.GradScaler`` of an AMP loop: a step it skips (inf/NaN gradients) records nothing,
+            and the samples declared for it are dropped (that step changed nothing), not charged to the next one.
+        process_group: under ``torch.distributed`` (DDP or FSDP2, see :mod:`amnesiac.distributed`) every rank
+            constructs the Recorder with the same ``run_dir``; ``"auto"`` uses the default group when it has more
+            than one rank, ``None`` records as one process.
         resume: continue an incomplete run (one left by a crash, or closed with ``finalize=False``) instead of
             creating one. ``codec``, ``backend``, ``chunk_elems`` and ``durable`` are then the run's own.
         checkpoint: with ``resume``, a file written by :meth:`checkpoint`: the model and optimizer are loaded from
@@ -76,11 +84,8 @@ class Recorder:
             repeats them) and step numbering continues from there. Without it, the model must already hold the
             state at the run's last committed step (``open_run(run_dir).final_state()``); only exact (fp32) runs
             can resume that way, since a lossy codec's residual lives only in checkpoints.
-        deletable: record selectively: an array of the sample ids that may have to be forgotten, or a callable
-            ``id -> bool``. Only steps whose batch holds at least one of them store a delta; every step keeps its
-            ledger record. Only these samples can be unlearned from the run (see :mod:`amnesiac.selective`); pair it
-            with :class:`amnesiac.IsolatingBatchSampler` so that few steps hold them. A selective run resumes only
-            from a checkpoint, with the same ``deletable``.
+        deletable: record selectively (ids that may be forgotten, or a callable ``id -> bool``): only steps that
+            hold one store a delta, and only they can be undone; see :mod:`amnesiac.selective`.
 
     Resuming checks that the model's state equals theta_0 plus the kept steps (plus the checkpoint's residual)
     within float32 rounding, reading those steps once, so that the recorded deltas keep adding up to the model's
@@ -91,10 +96,12 @@ class Recorder:
                  codec: str = "fp32", backend: str = "zarr", chunk_elems: int = 1 << 20, durable: bool = True,
                  slots: int | None = None, max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  model_spec: dict | None = None, extra: dict | None = None, resume: bool = False,
-                 checkpoint: str | Path | None = None, deletable=None):
+                 checkpoint: str | Path | None = None, record_on=None, scaler=None, process_group="auto",
+                 deletable=None):
         self.model, self.optimizer = model, optimizer
-        # selective recording: only steps whose batch holds a deletable sample keep their delta (amnesiac/selective.py)
-        self._deletable = None if deletable is None else DeletableRule.of(deletable)
+        self._deletable = None if deletable is None else DeletableRule.of(deletable, type(self) is Recorder)
+        self._module = unwrap_model(model)  # DDP / torch.compile wrappers: store the plain module's names
+        optimizers = as_optimizers(optimizer)
         self.epoch = 0  # stored with every step; set it from the training loop if you like
         residual = None
         if checkpoint is not None and not resume:
@@ -106,11 +113,11 @@ class Recorder:
             except BaseException:
                 self.store.close()
                 raise
-            state = model.state_dict()
+            state = self._state()
         else:
-            state = model.state_dict()
-            attrs = {"amnesiac": {"format": RUN_FORMAT, "model_class": type(model).__qualname__,
-                                  "model_spec": model_spec, "extra": extra or {}}}
+            state = self._state()
+            attrs = {"amnesiac": {"format": RUN_FORMAT, "model_class": type(self._module).__qualname__,
+                                  "model_spec": model_spec, "extra": extra or {}, **self._more_attrs()}}
             if self._deletable is not None:
                 attrs["amnesiac"]["deletable"] = self._deletable.attrs()
             try:
@@ -131,20 +138,43 @@ class Recorder:
         self._ids: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._closed = False
-        self._hook = optimizer.register_step_post_hook(self._on_step)
+        self._dtypes = {e.name: state[e.name].dtype for e in self.layout.entries}
+        self._trigger = StepTrigger(optimizers, self._record_step, self._drop_pending, record_on=record_on,
+                                    scaler=scaler)
+
+    def __new__(cls, model=None, *args, process_group="auto", **kwargs):
+        if cls is Recorder:  # under torch.distributed every rank gets the distributed recorder
+            from .distributed import recorder_class
+            cls = recorder_class(process_group)
+        return super().__new__(cls)
+
+    def _more_attrs(self) -> dict:
+        """Further run attributes of a subclass (the sharding of an FSDP2 run)."""
+        return {}
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        """The tensors recorded: the unwrapped module's state_dict (see :func:`amnesiac.loops.recorded_state`)."""
+        return recorded_state(self._module)
+
+    def _drop_pending(self) -> None:
+        """The step the declared samples were for was skipped (a GradScaler found inf/NaN): they trained nothing."""
+        self._ids, self._labels = [], []
 
     # ------------------------------------------------------------ resuming
     def _resume(self, checkpoint) -> torch.Tensor | None:
         """Load the checkpoint (if any), check the model is at a committed step, cut the run back to it."""
         store = self.store
         try:
-            store.layout.check(self.model.state_dict())
+            store.layout.check(self._state())
         except LayoutMismatchError as e:
             raise ModelMismatchError(f"cannot resume {store.path}: {e}") from None
-        selective = _check_same_deletable(store, self._deletable, checkpoint)
+        selective = check_same_declaration(store, self._deletable, checkpoint)
         residual = None
-        if checkpoint is not None:
-            info = load_checkpoint(checkpoint, self.model, self.optimizer, for_store=store)
+        if isinstance(checkpoint, dict):  # a position(): the trainer restored the model and optimizer itself
+            _check_position(checkpoint, store)
+            step, residual, self.epoch = checkpoint["step"], checkpoint.get("residual"), checkpoint["epoch"]
+        elif checkpoint is not None:
+            info = load_checkpoint(checkpoint, self._module, self.optimizer, for_store=store)
             step, residual, self.epoch = info["step"], info.get("residual"), info["epoch"]
         else:
             if store.codec.lossy:
@@ -153,7 +183,7 @@ class Recorder:
                                   "by Recorder.checkpoint>")
             step = store.num_steps
         if not selective:  # a selective run's stored deltas do not add up to any state: the checkpoint is trusted
-            _check_state_at(store, self.model.state_dict(), step, residual)
+            _check_state_at(store, self._state(), step, residual)
         store.truncate(step)
         return residual
 
@@ -164,17 +194,37 @@ class Recorder:
         (tensors) with JSON metadata; no pickle. Pass it to ``Recorder(..., resume=True, checkpoint=path)`` after
         a crash. Returns the step number the checkpoint was taken at (the number of committed steps).
         """
+        store = self._settle("checkpoints")
+        step = store.num_steps
+        save_checkpoint(path, self._module, self.optimizer, step=step, epoch=self.epoch, store=store,
+                        residual=self._encoder.residual, durable=store.meta["durable"])
+        return step
+
+    def _settle(self, what: str) -> DeltaStore:
+        """Between steps only: record any trailing change and wait until every step so far is committed."""
         if self._closed:
             raise RecorderError("the Recorder is closed")
         if self._ids or self._labels:
-            raise RecorderError("take checkpoints between steps: add_batch was called for a step not taken yet")
+            raise RecorderError(f"take {what} between steps: add_batch was called for a step not taken yet")
         self._record_trailing_change()
         self._writer.flush()
-        store = self.store
-        step = store.num_steps
-        save_checkpoint(path, self.model, self.optimizer, step=step, epoch=self.epoch, store=store,
-                        residual=self._encoder.residual, durable=store.meta["durable"])
-        return step
+        return self.store
+
+    def position(self) -> dict:
+        """The recording position at the current (committed) step, for a trainer's own checkpoint.
+
+        Trainers (Lightning, the Hugging Face Trainer) save the model and optimizer themselves; this is what the
+        Recorder adds: ``{"run_uid", "step", "log_bytes", "log_tail_crc32c", "epoch"}`` (JSON) and ``"residual"``
+        (a lossy codec's error-feedback residual, a CPU tensor, or None). After the trainer restored the model and
+        optimizer saved with it, ``Recorder(model, optimizer, run_dir, resume=True, checkpoint=position)`` continues
+        the run from there. Waits until every step so far is committed.
+        """
+        store = self._settle("the position")
+        log_bytes = store.commit_record["log_bytes"]
+        residual = self._encoder.residual
+        return {"run_uid": store.uid, "step": store.num_steps, "log_bytes": log_bytes,
+                "log_tail_crc32c": log_tail_crc32c(store, log_bytes), "epoch": int(self.epoch),
+                "residual": None if residual is None else residual.detach().cpu().clone()}
 
     load_checkpoint = staticmethod(lambda path, model, optimizer: load_checkpoint(path, model, optimizer))
 
@@ -206,18 +256,13 @@ class Recorder:
         if labels is not None:
             self._labels.append(labels)
 
-    def _on_step(self, optimizer, args, kwargs) -> None:
-        if self._deletable is not None and not self._step_has_deletable():
-            self._skip_step()
-        else:
-            self._record_step()
-
-    def _step_has_deletable(self) -> bool:
-        return any(self._deletable.mask(ids).any() for ids in self._ids)
-
     def _record_step(self) -> None:
         """Record ``S_now - S_prev`` as the next step, with the ids declared since the previous one."""
-        state = self.model.state_dict()
+        if self._deletable is not None and not any(self._deletable.mask(ids).any() for ids in self._ids):
+            self._skip_step()
+            return
+        state = self._state()
+        check_dtypes(state, self._dtypes, self.steps_submitted)
         self._writer.wait_copy_done()  # the delta buffer is still being copied out for the previous step
         with torch.no_grad():
             for e in self.layout.entries:
@@ -231,11 +276,9 @@ class Recorder:
         self._writer.submit(streams, side, metadata)
 
     def _skip_step(self) -> None:
-        """Selective recording, a step without deletable samples: its ledger record only; S_prev follows the model so
-        that the next stored delta is that step's alone."""
+        """Selective recording, a step without deletable samples: a ledger record; S_prev follows the model."""
         self._writer.wait_copy_done()
-        with torch.no_grad():
-            self.layout.flatten(self.model.state_dict(), out=self._prev)
+        self.layout.flatten(self._state(), out=self._prev)
         metadata = self._step_metadata()
         self._ids, self._labels = [], []
         self._writer.submit_unstored(metadata)
@@ -255,10 +298,14 @@ class Recorder:
         and both unlearning plans keep agreeing. Ids declared for a step that never came are not recorded."""
         if self._writer.failed:
             return
-        state = self.model.state_dict()
+        state = self._state()
+        check_dtypes(state, self._dtypes, self.steps_submitted)
         now = self.layout.flatten(state, out=torch.empty_like(self._prev))
-        if torch.equal(now, self._prev):
-            return
+        if not torch.equal(now, self._prev):
+            self._submit_change(now)
+
+    def _submit_change(self, now: torch.Tensor) -> None:
+        """Record ``now - S_prev`` (flat) as a step without samples."""
         self._ids, self._labels = [], []
         if self._deletable is not None:  # no samples, so nothing deletable: a ledger record only
             self._skip_step()
@@ -282,7 +329,7 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        self._hook.remove()
+        self._trigger.remove()
         try:
             already_told = self._writer.failed and self._writer.error_reported
             if finalize and not self._writer.failed:
@@ -304,7 +351,7 @@ class Recorder:
                                     "remain usable. Resume it from a checkpoint to record the rest.")
             if finalize:
                 residual = self._encoder.residual
-                self.store.finalize(self.model.state_dict(), residual)
+                self.store.finalize(self._state(), residual)
         finally:
             self.store.close()
 
@@ -326,20 +373,18 @@ def _open_for_resume(run_dir) -> DeltaStore:
                             "Record into a new directory.") from None
 
 
-def _check_same_deletable(store: DeltaStore, deletable: DeletableRule | None, checkpoint) -> bool:
-    """Raise :class:`ResumeError` unless ``deletable`` is the declaration the run was recorded with; True for a
-    selective run (which resumes only from a checkpoint)."""
-    declared = store.attrs.get("amnesiac", {}).get("deletable") if isinstance(store.attrs, dict) else None
-    if (declared is None) != (deletable is None):
-        raise ResumeError(f"{store.path} was recorded " + ("selectively: pass the same deletable= to resume it"
-                          if declared is not None else "in full: resume it without deletable="))
-    if declared is not None and declared.get("rule") != deletable.attrs()["rule"] or (
-            declared is not None and declared.get("crc32c") is not None and deletable.attrs() != declared):
-        raise ResumeError(f"deletable= is not the declaration {store.path} was recorded with; pass the same ids")
-    if declared is not None and checkpoint is None:
-        raise ResumeError(f"{store.path} was recorded selectively: resume it from a checkpoint (checkpoint=PATH), "
-                          "since its stored deltas alone do not rebuild the model's state")
-    return declared is not None
+def _check_position(position: dict, store: DeltaStore) -> None:
+    """A position from :meth:`Recorder.position` must belong to this run and to the history it holds now."""
+    ints = ("step", "log_bytes", "log_tail_crc32c", "epoch")
+    if not all(type(position.get(k)) is int for k in ints) or not isinstance(position.get("residual"),
+                                                                               (torch.Tensor, type(None))):
+        raise ResumeError("checkpoint= must be a checkpoint file or a dict returned by Recorder.position()")
+    if position.get("run_uid") != store.uid:
+        raise ResumeError(f"the recording position belongs to another run than {store.path}")
+    if position["step"] > store.num_steps or store.commit_record["log_bytes"] < position["log_bytes"] \
+            or log_tail_crc32c(store, position["log_bytes"]) != position["log_tail_crc32c"]:
+        raise ResumeError(f"the recording position (step {position['step']}) does not match the steps {store.path} "
+                          "committed (a position from another history of this run, cut back since)")
 
 
 def _check_state_at(store: DeltaStore, state: dict, step: int, residual: torch.Tensor | None) -> None:

@@ -88,6 +88,9 @@ class UnlearnReport:
 
 def open_run(path: str | Path) -> Run:
     """Open a recorded run for reading (also an incomplete one left by a crash: see :attr:`Run.complete`)."""
+    from .sharded import is_sharded_run, open_sharded_run
+    if is_sharded_run(path):  # recorded under FSDP2: one store per rank (amnesiac.sharded)
+        return open_sharded_run(path)
     try:
         with _damage_is_reported(path):
             return Run(DeltaStore.open(path))

@@ -28,7 +28,7 @@ import numpy as np
 
 from deltastore import crc32c
 
-from .errors import RecorderError, SelectionError
+from .errors import RecorderError, ResumeError, SelectionError
 from .selection import int_array
 
 LEDGER_FIELD = "deletable"  # per step: the step's ids that were declared deletable
@@ -42,8 +42,12 @@ class DeletableRule:
     rule: Callable[[int], bool] | None
 
     @classmethod
-    def of(cls, deletable) -> DeletableRule:
-        """From an array of ids (list, array, tensor) or a callable; :class:`RecorderError` otherwise."""
+    def of(cls, deletable, supported: bool = True) -> DeletableRule:
+        """From an array of ids (list, array, tensor) or a callable; :class:`RecorderError` otherwise, or when not
+        ``supported`` (the distributed recorder does not record selectively yet)."""
+        if not supported:
+            raise RecorderError("selective recording (deletable=) is not supported under torch.distributed yet; "
+                                "record in full")
         if callable(deletable):
             return cls(None, deletable)
         try:
@@ -77,3 +81,22 @@ def check_forgettable(fields: dict, wanted: np.ndarray) -> None:
                              "recorded selectively (Recorder(deletable=...)): the steps that saw them were not all "
                              "stored, so they cannot be forgotten exactly. Retrain without them, or record with them "
                              "declared deletable. Nothing was unlearned.")
+
+
+def check_same_declaration(store, deletable: DeletableRule | None, checkpoint) -> bool:
+    """Raise :class:`ResumeError` unless ``deletable`` is the declaration the run in ``store`` was recorded with;
+    True for a selective run (which resumes only from a checkpoint: its stored deltas alone rebuild no state)."""
+    spec = store.attrs.get("amnesiac", {}) if isinstance(store.attrs, dict) else {}
+    declared = spec.get("deletable") if isinstance(spec, dict) else None
+    if (declared is None) != (deletable is None):
+        raise ResumeError(f"{store.path} was recorded " + ("selectively: pass the same deletable= to resume it"
+                          if declared is not None else "in full: resume it without deletable="))
+    if declared is None:
+        return False
+    mine = deletable.attrs()
+    if declared.get("rule") != mine["rule"] or (declared.get("crc32c") is not None and mine != declared):
+        raise ResumeError(f"deletable= is not the declaration {store.path} was recorded with; pass the same ids")
+    if checkpoint is None:
+        raise ResumeError(f"{store.path} was recorded selectively: resume it from a checkpoint (checkpoint=PATH), "
+                          "since its stored deltas alone do not rebuild the model's state")
+    return True

@@ -182,6 +182,8 @@ class AsyncStepWriter:
 
     # ------------------------------------------------------------ writer thread
     def _run(self) -> None:
+        if self._cuda:  # this thread's CUDA work (event waits) on the recording rank's own GPU, never on cuda:0
+            torch.cuda.set_device(self.device)
         while True:
             item = self._work.get()
             if item is None:
