@@ -23,7 +23,8 @@ def _train(run_dir, *, deletable=None, codec="fp32", backend="zarr", epochs=2, s
     """The same training every call: a BatchNorm MLP on fixed random data, batches from a seeded permutation."""
     torch.manual_seed(0)
     x, y = torch.randn(N, 6), torch.randint(0, 3, (N,))
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(1)
     with amnesiac.Recorder(model, opt, run_dir, codec=codec, backend=backend, durable=False,
