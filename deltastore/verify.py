@@ -5,9 +5,9 @@ against store.json, sizes against the files present; then the start state's crc3
 record's crc32c, every chunk of every committed step (backend crc32c: Zarr per chunk and per shard index,
 safetensors per chunk from the step log), and for a complete run (unless it was recorded selectively: then some
 steps have no delta, the sum cannot add up, and the final state's checksum is all that is checked of it) the final
-state (and residual) and ``theta_0 + sum(deltas) (+ residual) == theta_final`` within :data:`FP32_TOLERANCE` relative to how far the run
-moved, and that the codec error stated at close is the one measured. A damaged step is narrowed down to the chunks
-that fail, and the fault names the step and the tensors they hold.
+state (and residual) and ``theta_0 + sum(deltas) (+ residual) == theta_final`` within :data:`FP32_TOLERANCE`
+relative to how far the run moved, and that the codec error stated at close is the one measured. A damaged step is
+narrowed down to the chunks that fail, and the fault names the step and the tensors they hold.
 
 Example:
     >>> import tempfile, torch
