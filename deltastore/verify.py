@@ -135,10 +135,12 @@ def verify_store(store, *, progress: bool = False) -> dict:
         return None
 
     start = attempt("start state", lambda: store.read_snapshot_flat("start"))
-    attempt("step log", store.metadata)
+    log_ok = attempt("step log", store.metadata) is not None
     total = torch.zeros(store.layout.numel)
-    # a selective store's unstored steps have no data to check: their step-log records are checked above
-    steps = [int(t) for t in (store.stored_mask.nonzero()[0] if store.selective else range(store.num_steps))]
+    # a selective store's unstored steps have no data to check (their step-log records are checked above); with a
+    # damaged step log, which steps were stored is unknown: every step is read, the fault is already reported
+    selective = log_ok and store.selective
+    steps = [int(t) for t in store.stored_mask.nonzero()[0]] if selective else list(range(store.num_steps))
     if progress:
         from tqdm import tqdm
         steps = tqdm(steps, unit="step", desc="verifying", leave=False)
@@ -154,7 +156,7 @@ def verify_store(store, *, progress: bool = False) -> dict:
     report = {"path": str(store.path), "steps_checked": store.num_steps, "status": store.status,
               "codec": store.codec.name, "stated_codec_error": store.commit_record.get("codec_error"),
               "damaged_steps": damaged_steps, "stored_steps": len(steps)}
-    if store.selective:
+    if selective:
         # S_0 + sum(stored deltas) != S_T by design: what is left to check is every checksum (done above)
         report["reconstruction"] = (f"not checkable: {store.num_steps - len(steps)} of {store.num_steps} steps were "
                                     "not stored (selective recording); checksums checked only")
