@@ -44,7 +44,7 @@ from deltastore import (DEFAULT_BUFFER_BYTES, AsyncStepWriter, DeltaStore, Layou
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ModelMismatchError, RecorderError, ResumeError, RunExistsError, RunNotFoundError
 from .loops import StepTrigger, as_optimizers, check_dtypes, recorded_state, unwrap_model
-from .selective import LEDGER_FIELD, DeletableRule, check_same_declaration
+from .selective import DeletableRule, check_same_declaration
 
 RUN_FORMAT = 1
 
@@ -79,13 +79,15 @@ class Recorder:
             than one rank, ``None`` records as one process.
         resume: continue an incomplete run (one left by a crash, or closed with ``finalize=False``) instead of
             creating one. ``codec``, ``backend``, ``chunk_elems`` and ``durable`` are then the run's own.
+        reopen: record more steps into a complete run (a fine-tune after ``amnesiac.purge``); the model must hold
+            ``open_run(run_dir).final_state()``. Closing writes the new final state (and, if the run has deletion
+            receipts, a ``finetune`` receipt naming ``request_id``).
         checkpoint: with ``resume``, a file written by :meth:`checkpoint`: the model and optimizer are loaded from
             it, the run is cut back to the step it was taken at (later committed steps are dropped: the training
             repeats them) and step numbering continues from there. Without it, the model must already hold the
             state at the run's last committed step (``open_run(run_dir).final_state()``); only exact (fp32) runs
             can resume that way, since a lossy codec's residual lives only in checkpoints.
-        deletable: record selectively (ids that may be forgotten, or a callable ``id -> bool``): only steps that
-            hold one store a delta, and only they can be undone; see :mod:`amnesiac.selective`.
+        deletable: record selectively (ids that may be forgotten, or ``id -> bool``); see :mod:`amnesiac.selective`.
 
     Resuming checks that the model's state equals theta_0 plus the kept steps (plus the checkpoint's residual)
     within float32 rounding, reading those steps once, so that the recorded deltas keep adding up to the model's
@@ -97,16 +99,21 @@ class Recorder:
                  slots: int | None = None, max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  model_spec: dict | None = None, extra: dict | None = None, resume: bool = False,
                  checkpoint: str | Path | None = None, record_on=None, scaler=None, process_group="auto",
-                 deletable=None):
+                 reopen: bool = False, request_id: str | None = None, deletable=None):
         self.model, self.optimizer = model, optimizer
         self._deletable = None if deletable is None else DeletableRule.of(deletable, type(self) is Recorder)
         self._module = unwrap_model(model)  # DDP / torch.compile wrappers: store the plain module's names
         optimizers = as_optimizers(optimizer)
         self.epoch = 0  # stored with every step; set it from the training loop if you like
         residual = None
+        self._finalize_attachments = None
         if checkpoint is not None and not resume:
             raise RecorderError("checkpoint= is for resuming a run: pass resume=True as well")
-        if resume:
+        if reopen:  # more steps into a complete (e.g. purged) run: see amnesiac/requests.py
+            from .requests import reopen_run
+            self.store, residual, self._finalize_attachments = reopen_run(run_dir, self._module, request_id)
+            state = self._state()
+        elif resume:
             self.store = _open_for_resume(run_dir)
             try:
                 residual = self._resume(checkpoint)
@@ -118,8 +125,6 @@ class Recorder:
             state = self._state()
             attrs = {"amnesiac": {"format": RUN_FORMAT, "model_class": type(self._module).__qualname__,
                                   "model_spec": model_spec, "extra": extra or {}, **self._more_attrs()}}
-            if self._deletable is not None:
-                attrs["amnesiac"]["deletable"] = self._deletable.attrs()
             try:
                 self.store = DeltaStore.create(run_dir, state, codec=codec, backend=backend,
                                                chunk_elems=chunk_elems, durable=durable, attrs=attrs)
@@ -149,8 +154,8 @@ class Recorder:
         return super().__new__(cls)
 
     def _more_attrs(self) -> dict:
-        """Further run attributes of a subclass (the sharding of an FSDP2 run)."""
-        return {}
+        """Further run attributes: a selective run's declaration; a subclass's own (the sharding of an FSDP2 run)."""
+        return {"deletable": self._deletable.attrs()} if self._deletable is not None else {}
 
     def _state(self) -> dict[str, torch.Tensor]:
         """The tensors recorded: the unwrapped module's state_dict (see :func:`amnesiac.loops.recorded_state`)."""
@@ -168,8 +173,7 @@ class Recorder:
             store.layout.check(self._state())
         except LayoutMismatchError as e:
             raise ModelMismatchError(f"cannot resume {store.path}: {e}") from None
-        selective = check_same_declaration(store, self._deletable, checkpoint)
-        residual = None
+        selective, residual = check_same_declaration(store, self._deletable, checkpoint), None
         if isinstance(checkpoint, dict):  # a position(): the trainer restored the model and optimizer itself
             _check_position(checkpoint, store)
             step, residual, self.epoch = checkpoint["step"], checkpoint.get("residual"), checkpoint["epoch"]
@@ -182,7 +186,7 @@ class Recorder:
                                   "residual is kept only in checkpoints: resume with checkpoint=<a file written "
                                   "by Recorder.checkpoint>")
             step = store.num_steps
-        if not selective:  # a selective run's stored deltas do not add up to any state: the checkpoint is trusted
+        if not selective:  # a selective run's deltas add up to no state: the checkpoint is trusted
             _check_state_at(store, self._state(), step, residual)
         store.truncate(step)
         return residual
@@ -259,8 +263,7 @@ class Recorder:
     def _record_step(self) -> None:
         """Record ``S_now - S_prev`` as the next step, with the ids declared since the previous one."""
         if self._deletable is not None and not any(self._deletable.mask(ids).any() for ids in self._ids):
-            self._skip_step()
-            return
+            return self._skip_step()
         state = self._state()
         check_dtypes(state, self._dtypes, self.steps_submitted)
         self._writer.wait_copy_done()  # the delta buffer is still being copied out for the previous step
@@ -277,10 +280,8 @@ class Recorder:
 
     def _skip_step(self) -> None:
         """Selective recording, a step without deletable samples: a ledger record; S_prev follows the model."""
-        self._writer.wait_copy_done()
-        self.layout.flatten(self._state(), out=self._prev)
-        metadata = self._step_metadata()
-        self._ids, self._labels = [], []
+        self.layout.flatten(self._state(), out=self._prev)  # (the writer copies from the encoded streams, not this)
+        metadata, self._ids, self._labels = self._step_metadata(), [], []
         self._writer.submit_unstored(metadata)
 
     def _step_metadata(self) -> dict[str, np.ndarray]:
@@ -288,8 +289,7 @@ class Recorder:
                     "epoch": np.array([self.epoch], np.int64)}
         if self._labels:
             metadata["labels"] = np.concatenate(self._labels)
-        if self._deletable is not None:
-            metadata[LEDGER_FIELD] = metadata["ids"][self._deletable.mask(metadata["ids"])]
+        metadata.update(self._deletable.ledger(metadata["ids"]) if self._deletable is not None else {})
         return metadata
 
     def _record_trailing_change(self) -> None:
@@ -308,8 +308,7 @@ class Recorder:
         """Record ``now - S_prev`` (flat) as a step without samples."""
         self._ids, self._labels = [], []
         if self._deletable is not None:  # no samples, so nothing deletable: a ledger record only
-            self._skip_step()
-            return
+            return self._skip_step()
         self._writer.wait_copy_done()
         with torch.no_grad():
             streams, side = self._encoder.encode(torch.sub(now, self._prev, out=self._delta))
@@ -350,8 +349,9 @@ class Recorder:
                                     f"stays incomplete with its {self.store.num_steps} committed steps, which "
                                     "remain usable. Resume it from a checkpoint to record the rest.")
             if finalize:
-                residual = self._encoder.residual
-                self.store.finalize(self._state(), residual)
+                residual, state = self._encoder.residual, self._state()
+                extra = self._finalize_attachments(state) if self._finalize_attachments else None
+                self.store.finalize(state, residual, attachments=extra)
         finally:
             self.store.close()
 
@@ -370,7 +370,7 @@ def _open_for_resume(run_dir) -> DeltaStore:
         raise RunNotFoundError(str(e)) from None
     except ReadOnlyError:
         raise RecorderError(f"{run_dir} holds a complete run (closed normally); there is nothing to resume. "
-                            "Record into a new directory.") from None
+                            "Record into a new directory, or pass reopen=True to record more steps into it.") from None
 
 
 def _check_position(position: dict, store: DeltaStore) -> None:

@@ -62,6 +62,10 @@ class DeletableRule:
             return np.isin(ids, self.ids)
         return np.fromiter((bool(self.rule(int(i))) for i in ids), bool, count=ids.size)
 
+    def ledger(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The ledger field of a step that trained on ``ids``: those of them declared deletable."""
+        return {LEDGER_FIELD: ids[self.mask(ids)]}
+
     def attrs(self) -> dict:
         """What the run's attributes keep of the declaration: a flag, and for an array its size and crc32c
         (the ids themselves are in the ledger, step by step, as they were trained on)."""

@@ -1,4 +1,5 @@
-"""The ``deltastore`` command line: ``info`` and ``verify`` a store or run directory, ``plan`` a recording."""
+"""The ``deltastore`` command line: ``info``, ``verify`` and ``gc`` (retention) a store or run directory, ``plan``
+a recording."""
 
 from __future__ import annotations
 
@@ -69,6 +70,18 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_gc(args) -> int:
+    from .retention import gc
+    report = gc(args.path, keep_last_epochs=args.keep_last_epochs, before_step=args.before_step)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{report['path']}: folded {report['steps_folded']} of {report['steps_before']} steps into the start "
+              f"state, {report['steps_after']} kept; freed {_human(report['bytes_freed'])} "
+              f"({_human(report['bytes_on_disk_before'])} -> {_human(report['bytes_on_disk'])} on disk)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltastore", description="Inspect and check delta stores (run directories).",
                                 epilog="Exit status: 0 sound, 1 damaged (verify), 2 not a readable store.")
@@ -101,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--calibrate", metavar="RUN", help="take the ratio and the reduce speed from this run")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
+    g = sub.add_parser("gc", help="retention: fold old steps into the start state and free their disk",
+                       description="Fold the steps before --before-step S (or before the last --keep-last-epochs N "
+                       "epochs) into the start state: S_0 += their deltas, their files are deleted, the kept steps "
+                       "are renumbered from 0 and verify still passes. Samples trained on in folded steps can no "
+                       "longer be forgotten (amnesiac refuses them, naming them). Crash-safe; takes the writer "
+                       "lock. Also removes files an interrupted purge or gc left (--before-step 0 does only that).")
+    g.add_argument("path")
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--keep-last-epochs", type=int, metavar="N", help="keep the steps of the last N epochs")
+    which.add_argument("--before-step", type=int, metavar="S", help="fold steps 0..S-1")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_gc)
     return p
 
 
