@@ -105,21 +105,18 @@ class Codec:
         """Add ``sign`` times the decoded data chunks ``[c0, c1)`` to ``acc`` (the block's float32 elements).
 
         ``streams`` hold exactly the block's part of each stream (see :meth:`StreamSpec.chunk_range`); ``side``
-        holds the step's whole side arrays. Arrays may be numpy or torch; they are moved to ``acc``'s device.
+        holds the step's whole side arrays, or just the block's. Arrays may be numpy or torch; streams are moved to
+        ``acc``'s device without blocking (pinned host memory makes that asynchronous), side arrays are read on the
+        host.
         """
         dev, c = acc.device, self.chunk_elems
-        scale = _as_tensor(side["scale"], dev)[c0:c1] if "scale" in side else None
+        # scales are read on the host (a step's side arrays come from the step log): reading them from a device
+        # tensor would wait for the GPU once per chunk, and the device reduce could never run ahead
+        scale = _host_array(side["scale"]) if "scale" in side else None
+        if scale is not None and scale.size != c1 - c0:
+            scale = scale[c0:c1]  # the step's whole array (else: just this block's)
         if self.kind == "topk":
-            k = self.k_per_chunk
-            vals = _as_tensor(streams["values"], dev).float().view(c1 - c0, k) * scale.unsqueeze(1)
-            idx = torch.cumsum(_as_tensor(streams["indices"], dev).view(c1 - c0, k).long(), dim=1)
-            # checksums stop accidents, not forgers: indices outside their chunk must not reach index_add_
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= c):
-                raise CorruptionError(f"top-k indices of chunks {c0}..{c1 - 1} fall outside their chunk")
-            idx += (torch.arange(c1 - c0, device=dev) * c).unsqueeze(1)
-            idx, vals = idx.reshape(-1), vals.reshape(-1)
-            keep = idx < acc.numel()  # the last chunk's padding never holds a real value
-            acc.index_add_(0, idx[keep], vals[keep], alpha=sign)
+            self._accumulate_topk(acc, c1 - c0, streams, scale, sign)
             return
         data = _as_tensor(streams["data"], dev)
         if self.kind == "bf16":
@@ -130,6 +127,38 @@ class Codec:
         for i in range(c1 - c0):  # chunks are large (2**20): a Python loop over them costs nothing
             seg = slice(i * c, min((i + 1) * c, acc.numel()))
             acc[seg].add_(data[seg].float(), alpha=sign * float(scale[i]))
+
+    def _accumulate_topk(self, acc: torch.Tensor, rows: int, streams, scale: np.ndarray, sign: float) -> None:
+        """Add ``rows`` top-k chunks into ``acc``; the indices are checked on the host before they are uploaded.
+
+        Every decision that needs values (indices in range, how many of the last chunk's entries fall in its
+        padding) is made from the host copy, so nothing here waits for the device, and no boolean mask is applied
+        on it (that would synchronise to learn the result's size).
+        """
+        k, c, dev = self.k_per_chunk, self.chunk_elems, acc.device
+        coded = _host_array(streams["indices"]).reshape(rows, k)
+        # delta-coded and sorted: every entry >= 0, and a chunk's last index (the sum of its row) is its largest.
+        # Checksums stop accidents, not forgers: indices outside their chunk must not reach index_add_
+        if coded.size and (int(coded.min()) < 0 or int(coded.sum(axis=1, dtype=np.int64).max()) >= c):
+            raise CorruptionError(f"top-k indices of a block's chunks fall outside their chunk ({rows} chunks)")
+        # only the vector's last chunk can reach into padding, and only with its last (largest) indices
+        last_valid = int(np.count_nonzero(np.cumsum(coded[-1], dtype=np.int64) < acc.numel() - (rows - 1) * c))
+        idx = torch.cumsum(_as_tensor(streams["indices"], dev).view(rows, k), dim=1, dtype=torch.int64)
+        idx += (torch.arange(rows, device=dev) * c).unsqueeze(1)
+        vals = _as_tensor(streams["values"], dev).view(rows, k)
+        for i in range(rows):  # one index_add_ per chunk, scaled by its host-side scale
+            n = k if i < rows - 1 else last_valid
+            acc.index_add_(0, idx[i, :n], vals[i, :n].float(), alpha=sign * float(scale[i]))
+
+
+def _host_array(a: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``a`` as a host numpy array; a device tensor is copied once (pass host arrays to avoid that wait)."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach()
+        if a.dtype == torch.bfloat16:
+            a = a.view(torch.int16)
+        return a.cpu().numpy()
+    return np.asarray(a)
 
 
 def _as_tensor(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

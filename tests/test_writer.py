@@ -16,9 +16,6 @@ from amnesiac import Recorder
 from deltastore import DeltaStore, WriterError, parse_codec
 from deltastore.writer import AsyncStepWriter
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 class FakeStore:
     """Keeps a copy of every appended step; optionally fails on one step or waits on a gate before each write."""
 
@@ -219,8 +216,8 @@ def test_pinning_without_a_gpu_is_refused():
 
 
 # ------------------------------------------------------------------ CUDA
-@requires_cuda
-@pytest.mark.parametrize("codec", ["fp32", "fp16", "topk:0.05"])
+@pytest.mark.cuda
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "topk:0.05"])
 def test_cuda_copies_are_never_torn(codec):
     """Random data, many steps, a ring of 2 slots: every stored step equals a synchronous copy taken at submit."""
     numel = 1 << 18
@@ -250,28 +247,33 @@ def test_cuda_copies_are_never_torn(codec):
             np.testing.assert_array_equal(store.side[t][k], v.numpy())
 
 
-@requires_cuda
-def test_cuda_slot_is_not_reused_before_its_copy_event_completed():
+@pytest.mark.cuda
+def test_cuda_buffer_is_not_handed_out_before_its_copy_event_completed():
     numel = 1 << 20
     store = FakeStore(numel=numel, chunk_elems=1 << 18)
-    writer = AsyncStepWriter(store, device="cuda", slots=2)
+    writer = AsyncStepWriter(store, device="cuda", slots=2, piece_bytes=2 << 20)  # two pieces per step
+    pool, real_acquire, handed = writer.pool, writer.pool.acquire, []
+
+    def acquire(timeout=None):
+        index = real_acquire(timeout)
+        event = pool.event(index)
+        handed.append(event is None or event.query())  # its last copy must have run
+        return index
+
+    pool.acquire = acquire
     delta = torch.zeros(numel, device="cuda")
-    events = []
     for t in range(12):
         writer.wait_copy_done()
         torch.cuda._sleep(2_000_000)  # the copy of this step waits behind a long kernel
         delta.fill_(float(t))
         writer.submit({"data": delta}, {}, {"ids": np.array([t])})
-        events.append(writer._last_copy)
-        # at most ``slots`` steps hold a slot, so the step ``slots`` back has given its slot up: its copy must be done
-        if t >= writer.num_slots:
-            assert events[t - writer.num_slots].query(), f"slot of step {t - writer.num_slots} reused too early"
     writer.close()
+    assert len(handed) == 24 and all(handed), "a buffer was handed out while its copy was still queued"
     for t in range(12):
         assert np.all(store.steps[t]["data"] == float(t))
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_recorder_matches_a_synchronous_reference(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).cuda()
@@ -377,7 +379,6 @@ def test_a_real_store_takes_steps_piece_by_piece(tmp_path):
     writer.close()
 
 
-@requires_cuda
 @pytest.mark.cuda
 def test_the_writer_thread_works_on_the_writers_device():
     device = torch.device("cuda", torch.cuda.device_count() - 1)
