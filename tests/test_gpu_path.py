@@ -119,7 +119,9 @@ def test_decoding_reads_scales_and_checks_indices_on_the_host(codec):
                      {k: v[2:5] for k, v in host_side.items()})
     assert torch.equal(acc, want)
     assert torch.equal(part, want[2 * chunk:5 * chunk])
-    assert torch.allclose(want, delta, atol=0.2 if c.kind == "topk" else 0, rtol=1e-2)
+    kept = want != 0 if c.kind == "topk" else torch.ones(numel, dtype=torch.bool)
+    assert kept.sum() >= (100 if c.kind == "topk" else numel)
+    assert torch.allclose(want[kept], delta[kept], atol=0, rtol=1e-2)
 
 
 def test_top_k_indices_outside_their_chunk_are_refused_before_anything_is_uploaded(monkeypatch):
