@@ -221,17 +221,36 @@ class DeltaStore:
     def append(self, streams: Mapping[str, np.ndarray], side: Mapping[str, np.ndarray],
                metadata: Mapping[str, np.ndarray]) -> int:
         """Write one encoded step and commit it with its metadata; returns the step number."""
+        self._check_appendable()
+        step = self.num_steps
+        return self._commit_step(step, metadata, side, lambda: self.backend.write_step(step, dict(streams)))
+
+    def begin_step(self):
+        """Start the next step, to be written piece by piece as the pieces arrive and committed whole at the end
+        (a :class:`deltastore.pieces.StepAppender`: ``write(c0, c1, streams, side)`` per piece of data chunks,
+        then ``commit(metadata)`` or ``abort()``). Until the commit nothing of the step is visible."""
+        from .pieces import StepAppender
+        self._check_appendable()
+        return StepAppender(self)
+
+    def _check_appendable(self) -> None:
         if not self.writable:
             raise ReadOnlyError(f"{self.path} was opened for reading; open it with writable=True to append")
         if self.complete:
             raise ReadOnlyError(f"{self.path} is complete; no more steps can be appended")
-        step = self.num_steps
+
+    def _commit_step(self, step: int, metadata: Mapping[str, np.ndarray], side: Mapping[str, np.ndarray],
+                     write) -> int:
+        """Commit protocol: ``write()`` makes the step's data durable (returning backend fields for the log),
+        then the step-log record, then the commit file."""
+        if step != self.num_steps:
+            raise DeltaStoreError(f"step {step} cannot be committed: the store has {self.num_steps} steps")
         fields = {k: np.asarray(v) for k, v in metadata.items()}
         if any(k.startswith("_") for k in fields):
             raise FormatError("metadata names starting with '_' are reserved for the store")
         fields.update({f"_{k}": np.asarray(v, np.float32) for k, v in side.items()})
         try:
-            fields.update(self.backend.write_step(step, dict(streams)))
+            fields.update(write())
             log_bytes = self._log.append(step, fields)
             self._write_commit(_sealed({**self._commit, "steps": step + 1, "log_bytes": log_bytes}))
         except BaseException:

@@ -97,16 +97,16 @@ def test_recorder_surfaces_a_disk_error_in_the_training_loop_and_keeps_committed
     model = bn_model
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = Recorder(model, opt, tmp_path / "run", durable=False, slots=2)
-    real_append = rec.store.append
+    real_begin = rec.store.begin_step
     calls = []
 
-    def failing_append(streams, side, metadata):
+    def failing_begin():
         calls.append(len(calls))
         if len(calls) == 4:  # the fourth write (step 3) hits a full disk
             raise OSError(28, "No space left on device")
-        return real_append(streams, side, metadata)
+        return real_begin()
 
-    rec.store.append = failing_append
+    rec.store.begin_step = failing_begin
     states = [{k: v.clone() for k, v in model.state_dict().items()}]
     raised: list[tuple[str, WriterError]] = []
     for t in range(8):
