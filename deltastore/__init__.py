@@ -5,13 +5,15 @@ See :class:`deltastore.DeltaStore` for the format and call order, :mod:`deltasto
 """
 
 from .codecs import CODEC_NAMES, Codec, parse_codec
-from .errors import (CorruptionError, DeltaStoreError, FormatError, InvalidArgumentError, LayoutMismatchError,
-                     ReadOnlyError, StepSelectionError, StoreExistsError, StoreLockedError, StoreNotFoundError,
-                     UnknownCodecError, WriterError)
+from .devices import resolve_device
+from .errors import (PROGRAMMING_ERRORS, CorruptionError, DeltaStoreError, DeviceUnavailableError, FormatError,
+                     InvalidArgumentError, LayoutMismatchError, ReadOnlyError, StepSelectionError, StoreExistsError,
+                     StoreLockedError, StoreNotFoundError, UnknownCodecError, WriterError)
 from .layout import TensorLayout
 from .store import DeltaStore
 
-__all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "FormatError",
-           "InvalidArgumentError", "LayoutMismatchError", "ReadOnlyError", "StepSelectionError", "StoreExistsError",
-           "StoreLockedError", "StoreNotFoundError", "TensorLayout", "UnknownCodecError", "WriterError", "parse_codec"]
+__all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "DeviceUnavailableError",
+           "FormatError", "InvalidArgumentError", "LayoutMismatchError", "PROGRAMMING_ERRORS", "ReadOnlyError",
+           "StepSelectionError", "StoreExistsError", "StoreLockedError", "StoreNotFoundError", "TensorLayout",
+           "UnknownCodecError", "WriterError", "parse_codec", "resolve_device"]
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from numcodecs import blosc as _blosc
 from zarr.codecs import BloscCodec, Crc32cCodec
@@ -127,8 +127,12 @@ class ZarrBackend:
         if fmt is None:
             # a missing shard would read as zeros (zarr's fill value): a committed step must have its file
             if not path.exists():
-                raise CorruptionError(f"the data file of step {step} (stream {stream!r}) is missing")
-            data = self.arrays[stream][step, lo:hi]
+                raise CorruptionError("the data file is missing", path=path, step=step, stream=stream)
+            try:
+                data = self.arrays[stream][step, lo:hi]
+            except (ValueError, RuntimeError, OSError, KeyError, IndexError) as e:  # zarr's checksum and codec errors
+                raise CorruptionError(f"the data file cannot be decoded ({type(e).__name__}: {str(e)[:200]})",
+                                      path=path, step=step, stream=stream) from None
             if out is None:
                 return data
             view = np.asarray(out).view(data.dtype).reshape(-1)[:hi - lo]
@@ -230,23 +234,25 @@ class _ShardFormat:
             if dst.size < need:
                 raise ValueError(f"out holds {dst.size} elements; reading [{lo}, {hi}) needs {need}")
             dst = dst[:need]
-        where = f"step {step} (stream {stream!r})"
+        where = {"path": path, "step": step, "stream": stream}
         try:
             # never follow a link planted in a run directory, never block on a FIFO posing as a shard
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
-            raise CorruptionError(f"the data file of {where} is missing: {path}") from None
+            raise CorruptionError("the data file is missing", **where) from None
+        except OSError as e:  # ELOOP (a link), EACCES, EIO: the step's data cannot be had
+            raise CorruptionError(f"the data file cannot be opened ({e.strerror or e})", **where) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise CorruptionError(f"the data file of {where} is not a regular file: {path}")
+                raise CorruptionError("the data file is not a regular file", **where)
             size = st.st_size
             index_bytes = self.per_shard * 16 + 4
             if size < index_bytes:
-                raise CorruptionError(f"the data file of {where} is truncated ({size} bytes)")
+                raise CorruptionError(f"the data file is truncated ({size} bytes)", **where)
             raw = os.pread(fd, index_bytes, size - index_bytes)
             if len(raw) != index_bytes or crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise CorruptionError(f"the shard index of {where} fails its crc32c checksum")
+                raise CorruptionError("the shard index fails its crc32c checksum", **where)
             index = np.frombuffer(raw, "<u8", count=2 * self.per_shard).reshape(-1, 2)
             chunk_bytes = self.inner * self.dtype.itemsize
             for k, c in enumerate(range(first, last)):
@@ -257,34 +263,42 @@ class _ShardFormat:
                     continue
                 offset, nbytes = int(offset), int(nbytes)
                 if nbytes < 4 or offset + nbytes > size - index_bytes:
-                    raise CorruptionError(f"the shard index of {where} points outside the file (chunk {c})")
+                    raise CorruptionError("the shard index points outside the file", chunk=c, **where)
                 buf = _scratch_view(nbytes)
                 if os.preadv(fd, [buf], offset) != nbytes:
-                    raise CorruptionError(f"chunk {c} of {where} is truncated")
+                    raise CorruptionError("the chunk is truncated", chunk=c, **where)
                 body = buf[:-4]
                 if crc32c(body) != int.from_bytes(buf[-4:], "little"):
-                    raise CorruptionError(f"chunk {c} of {where} fails its crc32c checksum")
-                self._decode(body, target.view(np.uint8), chunk_bytes, f"chunk {c} of {where}")
+                    raise CorruptionError("the chunk fails its crc32c checksum", chunk=c, **where)
+                self._decode(body, target.view(np.uint8), chunk_bytes, {"chunk": c, **where})
+        except OSError as e:  # EIO on a failing disk: the data cannot be had
+            raise CorruptionError(f"the data file cannot be read ({e.strerror or e})", **where) from None
         finally:
             os.close(fd)
         return dst[lo - first * self.inner:hi - first * self.inner]
 
-    def _decode(self, body: memoryview, target: np.ndarray, nbytes: int, where: str) -> None:
+    def _decode(self, body: memoryview, target: np.ndarray, nbytes: int, where: dict) -> None:
         if self.compressor == "blosc":
             # blosc's 16-byte header: version, versionlz, flags, typesize, then uint32 nbytes, blocksize, cbytes
             if (len(body) < 16 or int.from_bytes(body[4:8], "little") != nbytes
                     or int.from_bytes(body[12:16], "little") != len(body)):
-                raise CorruptionError(f"{where} decodes to the wrong size")
-            _blosc.decompress(body, target)
+                raise CorruptionError("the chunk decodes to the wrong size", **where)
+            try:
+                _blosc.decompress(body, target)
+            except RuntimeError as e:  # a crc-valid but crafted blosc stream
+                raise CorruptionError(f"the chunk cannot be decompressed ({e})", **where) from None
         elif self.compressor == "zstd":
             from numcodecs import Zstd
-            data = Zstd().decode(body)
+            try:
+                data = Zstd().decode(body)
+            except RuntimeError as e:
+                raise CorruptionError(f"the chunk cannot be decompressed ({e})", **where) from None
             if len(data) != nbytes:
-                raise CorruptionError(f"{where} decodes to the wrong size")
+                raise CorruptionError("the chunk decodes to the wrong size", **where)
             target[:] = np.frombuffer(data, np.uint8)
         else:
             if len(body) != nbytes:
-                raise CorruptionError(f"{where} has the wrong size")
+                raise CorruptionError("the chunk has the wrong size", **where)
             target[:] = np.frombuffer(body, np.uint8)
 
 
@@ -332,20 +346,22 @@ class SafetensorsBackend:
                 # safetensors refuses the slice [0:0] of an empty tensor (a model with no floating tensors)
                 data = f.get_slice(stream)[lo:hi] if hi > lo else np.zeros(0, spec.dtype)
         except FileNotFoundError:
-            raise CorruptionError(f"the data file of step {step} is missing: {path}") from None
-        except Exception as e:  # safetensors raises its own error types for damaged headers and short files
-            raise CorruptionError(f"the data file of step {step} is damaged ({type(e).__name__}: {e})") from None
+            raise CorruptionError("the data file is missing", path=path, step=step, stream=stream) from None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # damaged headers, short files
+            raise CorruptionError(f"the data file is damaged ({type(e).__name__}: {str(e)[:200]})", path=path,
+                                  step=step, stream=stream) from None
         if data.size != hi - lo:
-            raise CorruptionError(f"the data file of step {step} holds too few elements of {stream!r}")
+            raise CorruptionError("the data file holds too few elements", path=path, step=step, stream=stream)
         # the store hands side arrays over without their leading '_' (the step log's field is "_crc_<stream>")
         crcs = side.get(f"crc_{stream}", side.get(f"_crc_{stream}"))
         if crcs is None:
-            raise CorruptionError(f"step {step} (stream {stream!r}) has no chunk checksums in the step log")
+            raise CorruptionError("the step log holds no chunk checksums", step=step, stream=stream)
         per = spec.per_chunk
         for c in range(lo // per, -(-hi // per)):
             part = data[c * per - lo:min((c + 1) * per, hi) - lo]
             if c >= len(crcs) or crc32c(np.ascontiguousarray(part).view(np.uint8)) != int(crcs[c]):
-                raise CorruptionError(f"chunk {c} of step {step} (stream {stream!r}) fails its crc32c checksum")
+                raise CorruptionError("the chunk fails its crc32c checksum", path=path, step=step, stream=stream,
+                                      chunk=c)
         if out is None:
             return data
         view = np.asarray(out).reshape(-1).view(data.dtype)[:hi - lo]

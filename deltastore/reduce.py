@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .errors import CorruptionError
 
 DEFAULT_INFLIGHT_BYTES = 512 << 20
@@ -68,6 +70,7 @@ def plan_unlearning(store, undo: np.ndarray) -> UnlearnPlan:
 
 def run_plan(store, plan: UnlearnPlan, *, device: torch.device, **options) -> ReduceResult:
     start = time.perf_counter()
+    device = resolve_device(device)
     base = store.read_snapshot_flat(plan.base, device)
     if plan.add_residual:
         base += store.read_snapshot_flat("residual", device)
@@ -93,7 +96,7 @@ def reduce_steps(store, steps: np.ndarray, *, device: torch.device = torch.devic
     :class:`CorruptionError` naming the step and the tensors it holds.
     """
     t0 = time.perf_counter()
-    device = torch.device(device)
+    device = resolve_device(device)
     codec, backend, n = store.codec, store.backend, store.layout.numel
     acc = into if into is not None else torch.zeros(n, device=device)
     streams = codec.streams()
@@ -106,18 +109,21 @@ def reduce_steps(store, steps: np.ndarray, *, device: torch.device = torch.devic
     sizer = getattr(backend, "buffer_elems", None)
 
     def read(step: int, c0: int, c1: int, alloc):
-        side = store.side_arrays(step)
-        data = {}
-        try:
+        with _located(store, step, c0, c1):
+            side = store.side_arrays(step)
+            data = {}
             for s in streams:
                 lo, hi = s.chunk_range(c0, c1)
                 need = sizer(s.name, lo, hi) if sizer else hi - lo
                 data[s.name] = backend.read_range(step, s.name, lo, hi, side, out=alloc(s, need))
-        except Exception as e:  # checksum, decode and missing-file failures: name the step and its tensors
-            tensors = store.layout.tensors_in(c0 * codec.chunk_elems, min(c1 * codec.chunk_elems, n))
-            raise CorruptionError(f"step {step}, tensors {_short(tensors)}: stored data is damaged or missing "
-                                  f"({type(e).__name__}: {e}). Run `deltastore verify {store.path}`.") from None
+                if data[s.name].size != hi - lo:
+                    raise CorruptionError(f"the data file holds {data[s.name].size} elements where {hi - lo} were "
+                                          "written", stream=s.name)
         return data, side
+
+    def add(task, data, side) -> int:
+        with _located(store, *task):
+            return _add(codec, acc, task, data, side, sign)
 
     tasks = [(int(s), c0, c1) for s in steps for c0, c1 in blocks]
     bar = None
@@ -126,20 +132,20 @@ def reduce_steps(store, steps: np.ndarray, *, device: torch.device = torch.devic
         bar = tqdm(total=len(tasks), unit="block", desc="reducing", leave=False)
     try:
         if pipeline if pipeline is not None else device.type == "cuda":
-            encoded = _reduce_to_device(codec, acc, tasks, read, sign, workers, depth, task_bytes, bar)
+            encoded = _reduce_to_device(codec, acc, tasks, read, add, workers, depth, bar)
             if device.type == "cuda":
                 done = torch.cuda.Event(blocking=True)  # sleep until the sums are in, rather than spin a core
                 done.record(torch.cuda.current_stream(device))
                 done.synchronize()
         else:
-            encoded = _reduce_on_cpu(codec, acc, tasks, read, sign, workers, len(blocks), bar)
+            encoded = _reduce_on_cpu(tasks, read, add, workers, len(blocks), bar)
     finally:
         if bar is not None:
             bar.close()
     return ReduceResult(acc, len(steps), encoded, len(steps) * n * 4, time.perf_counter() - t0)
 
 
-def _reduce_on_cpu(codec, acc, tasks, read, sign, workers, num_blocks, bar) -> int:
+def _reduce_on_cpu(tasks, read, add, workers, num_blocks, bar) -> int:
     """Each thread reads, decodes and adds its tasks itself.
 
     Tasks go out in step order; a thread adds its block only once the block's earlier steps are in, so every element
@@ -178,7 +184,7 @@ def _reduce_on_cpu(codec, acc, tasks, read, sign, workers, num_blocks, bar) -> i
                     turn.wait_for(lambda: added[b] == rank[i] or stop.is_set())
                 if stop.is_set():
                     break
-                done += _add(codec, acc, task, data, side, sign)
+                done += add(task, data, side)
             except BaseException:
                 stop.set()
                 with turn:
@@ -198,7 +204,7 @@ def _reduce_on_cpu(codec, acc, tasks, read, sign, workers, num_blocks, bar) -> i
         return sum(f.result() for f in futures)
 
 
-def _reduce_to_device(codec, acc, tasks, read, sign, workers, depth, task_bytes, bar) -> int:
+def _reduce_to_device(codec, acc, tasks, read, add, workers, depth, bar) -> int:
     """Threads decode into a fixed pool of host buffers; this thread uploads each block and sums it on the device.
 
     The pool is ``depth + workers`` buffers of one task each, cut from one (pinned) allocation, with one event per
@@ -232,7 +238,7 @@ def _reduce_to_device(codec, acc, tasks, read, sign, workers, depth, task_bytes,
     def consume(future) -> int:
         index, task, data, side = future.result()
         try:
-            added = _add(codec, acc, task, data, side, sign)
+            added = add(task, data, side)
             if cuda:
                 pool.record(index, stream)  # the uploads just queued read this buffer
         finally:
@@ -291,5 +297,12 @@ def _add(codec, acc: torch.Tensor, task, data, side, sign: float) -> int:
     return sum(v.nbytes for v in data.values())
 
 
-def _short(names: list[str]) -> str:
-    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+@contextlib.contextmanager
+def _located(store, step: int, c0: int, c1: int):
+    """Damage met while reading or adding data chunks ``[c0, c1)`` of ``step`` leaves here naming the step and the
+    tensors (only :class:`CorruptionError`: anything else is not damage and passes unchanged)."""
+    try:
+        yield
+    except CorruptionError as e:
+        store.locate_damage(e, step, c0, c1)
+        raise

@@ -118,15 +118,15 @@ class SnapshotFile:
     """
 
     def __init__(self, path: Path, *, expected_crc: int | None = None, expected_size: int | None = None,
-                 what: str = "snapshot"):
+                 what: str = "the snapshot"):
         self.path = Path(path)
         try:
             # never follow a link planted in a run directory, never block on a FIFO posing as a snapshot
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
-            raise CorruptionError(f"{self.path} is missing") from None
+            raise CorruptionError(f"{what} is missing", path=self.path) from None
         except OSError as e:
-            raise CorruptionError(f"{self.path} cannot be opened as the {what} ({e.strerror})") from None
+            raise CorruptionError(f"{what} cannot be opened ({e.strerror})", path=self.path) from None
         try:
             self._open(expected_crc, expected_size, what)
         except BaseException:
@@ -136,20 +136,21 @@ class SnapshotFile:
     def _open(self, expected_crc, expected_size, what) -> None:
         st = os.fstat(self._fd)
         if not stat.S_ISREG(st.st_mode):
-            raise CorruptionError(f"{self.path} is not a regular file")
+            raise CorruptionError(f"{what} is not a regular file", path=self.path)
         size = st.st_size
         if expected_size is not None and size != expected_size:
-            raise CorruptionError(f"{self.path} holds {size} bytes where {expected_size} were written: the {what} "
-                                  "was truncated or changed")
+            raise CorruptionError(f"{what} holds {size} bytes where {expected_size} were written: it was truncated "
+                                  "or changed", path=self.path)
         if expected_crc is not None:
             crc, pos, buf = 0, 0, bytearray(min(PIECE_BYTES, max(size, 1)))
             while pos < size:
                 n = os.preadv(self._fd, [buf], pos)
                 if n <= 0:
-                    raise CorruptionError(f"{self.path} is shorter than it claims")
+                    raise CorruptionError(f"{what} is shorter than it claims", path=self.path)
                 crc, pos = crc32c(memoryview(buf)[:n], crc), pos + n
             if crc != expected_crc:
-                raise CorruptionError(f"{self.path} fails its crc32c checksum: the file was changed or damaged")
+                raise CorruptionError(f"{what} fails its crc32c checksum: the file was changed or damaged",
+                                      path=self.path)
         head = os.pread(self._fd, 8, 0)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 0 < n <= min(size - 8, MAX_HEADER):
@@ -194,7 +195,7 @@ class SnapshotFile:
             view = out.view(torch.uint8)
             itemsize = out.element_size()
             if os.preadv(self._fd, [memoryview(view.numpy())], offset + a * itemsize) != (b - a) * itemsize:
-                raise CorruptionError(f"{self.path} is shorter than its header says")
+                raise CorruptionError("the file is shorter than its header says", path=self.path)
         return out
 
     def tensor(self, name: str) -> torch.Tensor:

@@ -41,7 +41,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import time
 import uuid
@@ -53,6 +52,7 @@ import torch
 
 from .backends import backend_class, directory_bytes
 from .codecs import Codec, parse_codec
+from .devices import resolve_device
 from .errors import (CorruptionError, DeltaStoreError, FormatError, InvalidArgumentError, LayoutMismatchError,
                      ReadOnlyError, StepSelectionError, StoreExistsError, StoreNotFoundError)
 from .fileio import atomic_write_json, check_tree, json_crc32c, read_json
@@ -101,7 +101,6 @@ class DeltaStore:
             raise
         except Exception as e:  # zarr reports malformed array metadata with assorted built-in errors
             raise FormatError(f"{self.path}/deltas cannot be opened ({type(e).__name__}: {str(e)[:300]})") from None
-        _name_read_errors(backend, self)
         return backend
 
     # ---------------------------------------------------------------- creation and opening
@@ -346,8 +345,8 @@ class DeltaStore:
         for name, length in self.codec.side_arrays().items():
             arr = side.get(name)
             if arr is None or arr.size != length or arr.dtype != np.float32 or not np.isfinite(arr).all():
-                raise CorruptionError(f"step {step}: the codec's {name!r} values in the step log are missing or "
-                                      f"malformed; the step cannot be decoded")
+                raise CorruptionError(f"the codec's {name!r} values in the step log are missing or malformed; the "
+                                      "step cannot be decoded", step=step)
         return side
 
     def _snapshot_file(self, which: str) -> SnapshotFile:
@@ -375,6 +374,7 @@ class DeltaStore:
 
     def read_snapshot_flat(self, which: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """A snapshot's floating tensors as one flat float32 vector on ``device``, read piece by piece."""
+        device = resolve_device(device)
         if which == "residual" and not self.codec.lossy:  # an exact codec leaves nothing behind
             return torch.zeros(self.layout.numel, device=device)
         out = torch.empty(self.layout.numel, device=device)
@@ -386,8 +386,8 @@ class DeltaStore:
             try:
                 self.layout.check(snap.meta())
             except LayoutMismatchError as e:
-                raise CorruptionError(f"{self.path}/{which}.safetensors does not match the store's layout: {e}") \
-                    from None
+                raise CorruptionError(f"the {which} state does not match the store's layout: {e}",
+                                      path=self.path / f"{which}.safetensors") from None
             return flat_into(snap, self.layout, out)
 
     def read_step(self, step: int, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -406,7 +406,7 @@ class DeltaStore:
     def sum_steps(self, steps: Iterable[int], *, device: str | torch.device = "cpu", **reduce_options) -> torch.Tensor:
         """Sum of the decoded deltas of ``steps`` as one flat float32 tensor on ``device`` (streamed, bounded)."""
         from .reduce import reduce_steps
-        return reduce_steps(self, self.check_steps(steps), device=torch.device(device), **reduce_options).total
+        return reduce_steps(self, self.check_steps(steps), device=resolve_device(device), **reduce_options).total
 
     def state_without(self, steps: Iterable[int], *, device: str | torch.device = "cpu",
                       **reduce_options) -> torch.Tensor:
@@ -416,22 +416,17 @@ class DeltaStore:
         that was not finalized (a crash) can only take the second path: it gives the state at its last commit.
         """
         from .reduce import plan_unlearning, run_plan
-        return run_plan(self, plan_unlearning(self, self.check_steps(steps)), device=torch.device(device),
+        return run_plan(self, plan_unlearning(self, self.check_steps(steps)), device=resolve_device(device),
                         **reduce_options).total
 
-    def describe_range(self, step: int, spec, lo: int, hi: int, message: str = "") -> str:
-        """``step S, tensors ...`` for stream elements ``[lo, hi)`` (narrowed to the chunk ``message`` names)."""
-        per = max(1, spec.per_chunk)
-        c0, c1 = lo // per, max(lo // per + 1, -(-hi // per))
-        named = re.search(r"chunk (\d+)", message)
-        if named and c0 <= int(named.group(1)) < c1:
-            c0 = int(named.group(1))
-            c1 = c0 + 1
-        ce, n = self.codec.chunk_elems, self.layout.numel
-        names = self.layout.tensors_in(c0 * ce, min(c1 * ce, n))
-        shown = ", ".join(repr(x) for x in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        chunks = f"data chunk {c0}" if c1 == c0 + 1 else f"data chunks {c0}..{c1 - 1}"
-        return f"step {step}, tensor{'s' if len(names) != 1 else ''} {shown or '(none)'} ({chunks}, stream {spec.name!r})"
+    def locate_damage(self, error: CorruptionError, step: int, c0: int, c1: int) -> CorruptionError:
+        """Add what only the store knows to ``error``, met while reading data chunks ``[c0, c1)`` of ``step``: the
+        step, the chunks, the tensors they hold (only the failing chunk's, when the backend named it) and the store's
+        path. Fields the backend set stay as they are. Returns ``error``, to be re-raised."""
+        lo, hi = (error.chunk, error.chunk + 1) if error.chunk is not None and c0 <= error.chunk < c1 else (c0, c1)
+        ce = self.codec.chunk_elems
+        return error.add_context(step=step, chunks=(c0, c1), store_path=self.path,
+                                 tensors=self.layout.tensors_in(lo * ce, min(hi * ce, self.layout.numel)))
 
     # ---------------------------------------------------------------- reporting
     def info(self) -> dict:
@@ -458,27 +453,3 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _name_read_errors(backend, store: DeltaStore) -> None:
-    """Make every failed read of stored data say which step and which tensors it concerns.
-
-    Backends know streams and chunks; only the store knows the layout. A wrapper on the instance (so the backend's
-    type, and any fast path keyed on it, stays as it is).
-    """
-    inner = backend.read_range
-    specs = {s.name: s for s in store.codec.streams()}
-
-    def read_range(step, stream, lo, hi, side, **options):
-        try:
-            data = inner(step, stream, lo, hi, side, **options)
-        except TypeError:
-            raise
-        except Exception as e:
-            raise CorruptionError(f"{store.describe_range(step, specs[stream], lo, hi, str(e))}: "
-                                  f"{type(e).__name__ if not isinstance(e, DeltaStoreError) else 'damaged'}: {e}. "
-                                  f"Run `deltastore verify {store.path}` for the full list.") from None
-        if getattr(data, "size", hi - lo) != hi - lo:
-            raise CorruptionError(f"{store.describe_range(step, specs[stream], lo, hi, '')}: the data file holds "
-                                  f"{data.size} elements where {hi - lo} were written")
-        return data
-
-    backend.read_range = read_range

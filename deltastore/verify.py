@@ -21,15 +21,21 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DeltaStoreError
+from .errors import PROGRAMMING_ERRORS, CorruptionError, DeltaStoreError
 from .reduce import reduce_steps
 
 FP32_TOLERANCE = 1e-4  # float32 summation of many steps, relative to how far the run moved
 MAX_FAULTS_PER_STEP = 8
 
 
-def _describe(e: BaseException) -> str:
-    return str(e) if isinstance(e, DeltaStoreError) else f"{type(e).__name__}: {e}"
+def _describe(e: Exception, step: int | None = None) -> str:
+    """One fault line; a bug (:data:`PROGRAMMING_ERRORS`) is raised, never reported as damage."""
+    if isinstance(e, PROGRAMMING_ERRORS):
+        raise e
+    if isinstance(e, CorruptionError):
+        return e.add_context(step=step).describe()
+    text = str(e) if isinstance(e, DeltaStoreError) else f"{type(e).__name__}: {e}"
+    return text if step is None else f"step {step}: {text}"
 
 
 def _diagnose_step(store, step: int) -> list[str]:
@@ -38,7 +44,7 @@ def _diagnose_step(store, step: int) -> list[str]:
     try:
         side = store.side_arrays(step)
     except Exception as e:  # noqa: BLE001 - every failure is a fault to report
-        return [f"step {step}: {_describe(e)}"]
+        return [_describe(e, step)]
     for spec in store.codec.streams():
         for c in range(store.codec.num_chunks):
             lo, hi = spec.chunk_range(c, c + 1)
@@ -46,12 +52,12 @@ def _diagnose_step(store, step: int) -> list[str]:
                 continue
             try:
                 store.backend.read_range(step, spec.name, lo, hi, side)
+            except CorruptionError as e:
+                faults.append(_describe(store.locate_damage(e, step, c, c + 1)))
             except Exception as e:  # noqa: BLE001
-                message = _describe(e)
-                where = store.describe_range(step, spec, lo, hi)
-                faults.append(message if message.startswith(f"step {step}, tensor") else f"{where}: {message}")
-                if len(faults) >= MAX_FAULTS_PER_STEP:
-                    return faults + [f"step {step}: further chunks not listed"]
+                faults.append(_describe(e, step))
+            if len(faults) >= MAX_FAULTS_PER_STEP:
+                return faults + [f"step {step}: further chunks not listed"]
     return faults
 
 
@@ -79,9 +85,9 @@ def verify_store(store, *, progress: bool = False) -> dict:
             reduce_steps(store, store.check_steps([step]), into=total)
         except Exception as e:  # noqa: BLE001
             damaged_steps.append(step)
-            found = _diagnose_step(store, step)
-            faults.extend(found or [_describe(e) if str(e).startswith(f"step {step}") else
-                                    f"step {step}: {_describe(e)}"])
+            if isinstance(e, PROGRAMMING_ERRORS):
+                raise
+            faults.extend(_diagnose_step(store, step) or [_describe(e, step)])
     report = {"path": str(store.path), "steps_checked": store.num_steps, "status": store.status,
               "codec": store.codec.name, "stated_codec_error": store.commit_record.get("codec_error"),
               "damaged_steps": damaged_steps}
