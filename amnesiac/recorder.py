@@ -42,10 +42,10 @@ import safetensors.torch
 from safetensors.torch import load as safetensors_from_bytes  # never pickle: plain tensors only
 import torch
 
-from deltastore import (DeltaStore, LayoutMismatchError, ReadOnlyError, StoreExistsError, StoreNotFoundError,
-                        WriterError)
+from deltastore import (DEFAULT_PIECE_ELEMS, DeltaStore, LayoutMismatchError, ReadOnlyError, StepStreamer,
+                        StoreExistsError, StoreNotFoundError, WriterError)
 from deltastore.fileio import atomic_write_bytes, crc32c, read_regular_file
-from deltastore.writer import DEFAULT_BUFFER_BYTES, AsyncStepWriter
+from deltastore.writer import DEFAULT_BUFFER_BYTES
 
 from .errors import ModelMismatchError, RecorderError, ResumeError, RunExistsError, RunNotFoundError
 
@@ -75,7 +75,9 @@ class Recorder:
         codec: ``"fp32"`` (exact), ``"fp16"``, ``"bf16"`` or ``"topk:F"``.
         backend: ``"zarr"`` (compressed, default) or ``"safetensors"`` (one uncompressed file per step).
         durable: fsync each step before committing it (survives power loss, not only a killed process).
-        slots, max_buffer_bytes: the host ring buffer between the training thread and the writer thread.
+        slots, max_buffer_bytes: the pool of host buffers between the training thread and the writer thread.
+        piece_elems: parameters per piece: each step streams through delta, encoder and writer this many at a time,
+            so recording holds one model-sized buffer (the previous state) plus a bounded amount.
         model_spec: JSON describing how to rebuild the model (used by the command line); free for the caller.
         resume: continue an incomplete run (one left by a crash, or closed with ``finalize=False``) instead of
             creating one. ``codec``, ``backend``, ``chunk_elems`` and ``durable`` are then the run's own.
@@ -94,7 +96,7 @@ class Recorder:
                  codec: str = "fp32", backend: str = "zarr", chunk_elems: int = 1 << 20, durable: bool = True,
                  slots: int | None = None, max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  model_spec: dict | None = None, extra: dict | None = None, resume: bool = False,
-                 checkpoint: str | Path | None = None):
+                 checkpoint: str | Path | None = None, piece_elems: int = DEFAULT_PIECE_ELEMS):
         self.model, self.optimizer = model, optimizer
         self.epoch = 0  # stored with every step; set it from the training loop if you like
         residual = None
@@ -121,12 +123,13 @@ class Recorder:
         self.layout = self.store.layout
         tensors = [t for t in state.values() if torch.is_floating_point(t)]
         self.device = tensors[0].device if tensors else torch.device("cpu")
-        self._prev = self.layout.flatten(state, out=torch.empty(self.layout.numel, device=self.device))
-        self._delta = torch.empty_like(self._prev)
-        self._encoder = self.store.codec.encoder(self.device)
-        if residual is not None:
-            self._encoder.residual.copy_(residual.to(self.device))
-        self._writer = AsyncStepWriter(self.store, device=self.device, slots=slots, max_buffer_bytes=max_buffer_bytes)
+        try:
+            self._stream = StepStreamer(self.store, state, device=self.device, piece_elems=piece_elems, slots=slots,
+                                        max_buffer_bytes=max_buffer_bytes, residual=residual)
+        except BaseException:
+            self.store.close()
+            raise
+        self._writer = self._stream.writer
         self._ids: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._closed = False
@@ -171,8 +174,9 @@ class Recorder:
         step, log_bytes = store.num_steps, store.commit_record["log_bytes"]
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
         optim = _optimizer_to_tensors(self.optimizer, tensors)
-        if self._encoder.residual is not None:
-            tensors["recorder/residual"] = self._encoder.residual
+        residual = self._stream.residual(self.model.state_dict())
+        if residual is not None:
+            tensors["recorder/residual"] = residual
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         head = {"format": CHECKPOINT_FORMAT, "run_uid": store.uid, "step": step, "log_bytes": log_bytes,
                 "log_tail_crc32c": _log_tail_crc(store, log_bytes), "epoch": int(self.epoch), "optimizer": optim,
@@ -194,7 +198,9 @@ class Recorder:
     def add_batch(self, ids, labels=None) -> None:
         """Declare the samples (by integer id; labels optional) that the coming optimizer step trains on.
 
-        May be called several times per step (gradient accumulation); the ids add up until the step.
+        May be called several times per step (gradient accumulation); the ids add up until the step. Pass ids
+        and labels as lists, numpy arrays or CPU tensors: a CUDA tensor is copied to the host here, which waits for
+        the GPU to finish the work queued so far (a DataLoader's ids are on the CPU anyway).
         """
         if self._closed:
             raise RecorderError("the Recorder is closed")
@@ -216,18 +222,9 @@ class Recorder:
 
     def _record_step(self) -> None:
         """Record ``S_now - S_prev`` as the next step, with the ids declared since the previous one."""
-        state = self.model.state_dict()
-        self._writer.wait_copy_done()  # the delta buffer is still being copied out for the previous step
-        with torch.no_grad():
-            for e in self.layout.entries:
-                now = state[e.name].reshape(-1)
-                prev = self._prev[e.offset:e.offset + e.numel]
-                torch.sub(now, prev, out=self._delta[e.offset:e.offset + e.numel])
-                prev.copy_(now)
-            streams, side = self._encoder.encode(self._delta)
         metadata = self._step_metadata()
         self._ids, self._labels = [], []
-        self._writer.submit(streams, side, metadata)
+        self._stream.record(self.model.state_dict(), metadata)
 
     def _step_metadata(self) -> dict[str, np.ndarray]:
         metadata = {"ids": np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64),
@@ -243,15 +240,10 @@ class Recorder:
         if self._writer.failed:
             return
         state = self.model.state_dict()
-        now = self.layout.flatten(state, out=torch.empty_like(self._prev))
-        if torch.equal(now, self._prev):
+        if not self._stream.changed(state):
             return
         self._ids, self._labels = [], []
-        self._writer.wait_copy_done()
-        with torch.no_grad():
-            streams, side = self._encoder.encode(torch.sub(now, self._prev, out=self._delta))
-        self._prev.copy_(now)
-        self._writer.submit(streams, side, self._step_metadata())
+        self._stream.record(state, self._step_metadata())
 
     def flush(self) -> None:
         """Wait until every recorded step is committed; raises a background write error, if any."""
@@ -287,8 +279,7 @@ class Recorder:
                                     f"stays incomplete with its {self.store.num_steps} committed steps, which "
                                     "remain usable. Resume it from a checkpoint to record the rest.")
             if finalize:
-                residual = self._encoder.residual
-                self.store.finalize(self.model.state_dict(), residual)
+                self._stream.finalize(self.model.state_dict())
         finally:
             self.store.close()
 

@@ -11,9 +11,10 @@ from .errors import (PROGRAMMING_ERRORS, CorruptionError, DeltaStoreError, Devic
                      StoreLockedError, StoreNotFoundError, UnknownCodecError, WriterError)
 from .layout import TensorLayout
 from .store import DeltaStore
+from .streaming import DEFAULT_PIECE_ELEMS, StepStreamer
 
-__all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "DeviceUnavailableError",
+__all__ = ["CODEC_NAMES", "DEFAULT_PIECE_ELEMS", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "DeviceUnavailableError",
            "FormatError", "InvalidArgumentError", "LayoutMismatchError", "PROGRAMMING_ERRORS", "ReadOnlyError",
-           "StepSelectionError", "StoreExistsError", "StoreLockedError", "StoreNotFoundError", "TensorLayout",
+           "StepSelectionError", "StepStreamer", "StoreExistsError", "StoreLockedError", "StoreNotFoundError", "TensorLayout",
            "UnknownCodecError", "WriterError", "parse_codec", "resolve_device"]
 __version__ = "0.1.0"

@@ -67,11 +67,12 @@ class AsyncStepWriter:
         max_buffer_bytes: budget for the pool (on the CPU at most :data:`CPU_BUFFER_BYTES` is used by default).
         pin: page-lock the pool (default: on CUDA).
         piece_bytes: encoded bytes per piece (rounded to whole data chunks, at least one chunk).
+        piece_chunks: data chunks per piece instead (what a caller cutting its own pieces passes).
     """
 
     def __init__(self, store, *, device: torch.device | str = "cpu", slots: int | None = None,
                  max_buffer_bytes: int = DEFAULT_BUFFER_BYTES, pin: bool | None = None,
-                 piece_bytes: int = DEFAULT_PIECE_BYTES):
+                 piece_bytes: int = DEFAULT_PIECE_BYTES, piece_chunks: int | None = None):
         self.store, self.device = store, torch.device(device)
         codec = store.codec
         self._cuda = self.device.type == "cuda"
@@ -85,7 +86,8 @@ class AsyncStepWriter:
             raise DeltaStoreError(f"side arrays must hold one value per data chunk, got {sides}")
         self._side_names = tuple(sides)
         chunk_bytes = sum(s.per_chunk * np.dtype(s.dtype).itemsize for s in self._specs) + 4 * len(sides)
-        self.chunks_per_piece = max(1, min(self._num_chunks, piece_bytes // max(1, chunk_bytes)))
+        per = piece_chunks if piece_chunks is not None else piece_bytes // max(1, chunk_bytes)
+        self.chunks_per_piece = max(1, min(self._num_chunks, per))
         self.pieces_per_step = math.ceil(self._num_chunks / self.chunks_per_piece)
         buffer_bytes = max(self._piece_bytes(c0, min(c0 + self.chunks_per_piece, self._num_chunks))
                            for c0 in range(0, self._num_chunks, self.chunks_per_piece))
@@ -310,33 +312,40 @@ class AsyncStepWriter:
     def _run(self) -> None:
         if self._cuda:
             torch.cuda.set_device(self.device)  # else a rank on cuda:N would create a context on cuda:0
-        appender = None
+        appender, held = None, None  # held: the buffer of a step's last piece, given back once the step is done
         while True:
             item = self._work.get()
+            release = []
             try:
                 if item is None:
+                    release.append(held)
                     if appender is not None:
                         appender.abort()
                     return
                 kind, step = item[0], item[1]
                 if kind == "piece":
                     _, _, c0, c1, index = item
-                    try:
-                        self._pool.synchronize(index)  # the device -> host copy has landed
-                        if self._error is None:
-                            t0 = time.perf_counter()
-                            if appender is None:
-                                appender = self._begin_step()
-                            layout = self._piece_layout(c0, c1)
-                            arrays = {key: self._pool.array(index, dtype, count, offset)
-                                      for key, dtype, count, offset in layout}
-                            appender.write(c0, c1, {k: v for k, v in arrays.items() if not k.startswith("side:")},
-                                           {k[5:]: v for k, v in arrays.items() if k.startswith("side:")})
-                            self.stats["pieces_written"] += 1
-                            self.stats["write_s"] += time.perf_counter() - t0
-                    finally:
-                        self._pool.release(index)
-                elif kind == "abort":
+                    # the last piece's buffer is kept until the step is committed, so that a training thread with
+                    # one buffer cannot run more than one step ahead of the commits (nor miss a failed one)
+                    if c1 == self._num_chunks:
+                        held = index
+                    else:
+                        release.append(index)
+                    self._pool.synchronize(index)  # the device -> host copy has landed
+                    if self._error is None:
+                        t0 = time.perf_counter()
+                        if appender is None:
+                            appender = self._begin_step()
+                        arrays = {key: self._pool.array(index, dtype, count, offset)
+                                  for key, dtype, count, offset in self._piece_layout(c0, c1)}
+                        appender.write(c0, c1, {k: v for k, v in arrays.items() if not k.startswith("side:")},
+                                       {k[5:]: v for k, v in arrays.items() if k.startswith("side:")})
+                        self.stats["pieces_written"] += 1
+                        self.stats["write_s"] += time.perf_counter() - t0
+                    continue
+                release.append(held)
+                held = None
+                if kind == "abort":
                     if appender is not None:
                         appender, old = None, appender
                         old.abort()
@@ -360,6 +369,10 @@ class AsyncStepWriter:
                     except Exception:  # noqa: BLE001 - the first error is the one reported
                         pass
             finally:
+                # buffers go back only after a failure is recorded: a training thread that gets one sees the error
+                for index in release:
+                    if index is not None:
+                        self._pool.release(index)
                 self._work.task_done()
 
     def _begin_step(self):

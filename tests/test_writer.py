@@ -147,18 +147,17 @@ def test_submit_blocks_when_every_slot_is_busy_and_slots_are_reused():
     store = FakeStore(gate=gate)
     writer = AsyncStepWriter(store, slots=2)
     assert writer.num_slots == 2
-    _submit(writer, 0)  # written by the writer thread (its buffer given back), which waits at the gate to commit
-    _submit(writer, 1)  # both buffers now hold a queued step
-    _submit(writer, 2)
-    fourth = threading.Thread(target=_submit, args=(writer, 3))
-    fourth.start()
-    fourth.join(timeout=0.5)
-    assert fourth.is_alive(), "with both slots busy, submit must wait rather than allocate or drop"
+    _submit(writer, 0)  # taken by the writer thread, which waits at the gate (it keeps its buffer until committed)
+    _submit(writer, 1)  # waits in the queue
+    third = threading.Thread(target=_submit, args=(writer, 2))
+    third.start()
+    third.join(timeout=0.5)
+    assert third.is_alive(), "with both slots busy, submit must wait rather than allocate or drop"
     assert store.num_steps == 0
     gate.set()
-    fourth.join(timeout=30)
-    assert not fourth.is_alive()
-    for t in range(4, 12):
+    third.join(timeout=30)
+    assert not third.is_alive()
+    for t in range(3, 12):
         _submit(writer, t)
     writer.close()
     assert store.num_steps == 12
