@@ -559,8 +559,8 @@ def run_section(name: str, device: torch.device, workdir: Path, args) -> dict:
     if name == "perf":
         if big:
             return perf(device, workdir, batch=256, steps=20, warmup=5, image=32, unlearn_steps_per_epoch=20)
-        return perf(device, workdir, batch=8, steps=2, warmup=1, image=32, unlearn_steps_per_epoch=1,
-                    unlearn_numel=1 << 20)
+        return perf(device, workdir, batch=4, steps=1, warmup=1, image=16, unlearn_steps_per_epoch=1,
+                    unlearn_numel=1 << 18)
     raise ValueError(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
 
 

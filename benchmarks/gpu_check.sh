@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (issue 16). Usage:
-#   bash benchmarks/gpu_check.sh [--out DIR] [--cpu]
+#   bash benchmarks/gpu_check.sh [--out DIR] [--cpu] [-- ARGS for gpu_check.py, e.g. --sections reduce failures]
 # On a GPU machine: the CUDA tests (pytest -m cuda), then every section of benchmarks/gpu_check.py (writer race
 # stress, recorded training against device snapshots, async vs sync, CPU vs GPU encoders, device vs CPU reduce,
 # failure paths, set_sync_debug_mode("error"), TORCH_CUDA_SANITIZER / CUDA_LAUNCH_BLOCKING runs, one-GPU DDP,
@@ -17,10 +17,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=bench-out/gpu-check
 DEVICE=cuda
+EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --cpu) DEVICE=cpu; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
     -h|--help) sed -n 2,16p "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (use --out DIR and/or --cpu)" >&2; exit 2 ;;
   esac
@@ -51,7 +53,7 @@ if [ "$DEVICE" = cuda ]; then
   tail -3 "$OUT/pytest-cuda.txt"
 fi
 set +e
-python3 benchmarks/gpu_check.py --device "$DEVICE" --out "$OUT"
+python3 benchmarks/gpu_check.py --device "$DEVICE" --out "$OUT" "${EXTRA[@]}"
 status=$?
 set -e
 if [ "$DEVICE" = cuda ] && ! grep -q '"exit_status": 0' "$OUT/pytest-cuda.json"; then

@@ -36,6 +36,7 @@ import torch
 from .errors import CorruptionError, UnknownCodecError
 
 CODEC_NAMES = ("fp32", "fp16", "bf16", "topk:F")
+_TOPK_GROUP_ELEMS = 1 << 22
 _FP16_TARGET = 32768.0  # a chunk's largest |value| maps here: headroom below fp16's 65504, far above its underflow
 
 
@@ -198,7 +199,8 @@ class Encoder:
             torch.sub(work[:n], data, out=self.residual)  # what bf16 lost is the next residual
             return {"data": data.view(torch.int16)}, {}
         if codec.kind == "fp16":
-            scale = _chunk_scales(rows.abs().amax(dim=1))  # faster on CPU than vector_norm(ord=inf)
+            low, high = torch.aminmax(rows, dim=1)  # no full-size |x| temporary
+            scale = _chunk_scales(torch.maximum(high, low.neg()))
             q = torch.empty(rows.shape, dtype=torch.float16, device=rows.device)
             torch.div(rows, scale.unsqueeze(1), out=q)  # computed in float32, rounded once to float16
             # the residual is work minus exactly what a reader decodes (the float32 product, rounded as there);
@@ -208,7 +210,10 @@ class Encoder:
             torch.sub(rows, decoded, out=decoded)
             return {"data": q.view(-1)[:n]}, {"scale": scale}
         k = codec.k_per_chunk
-        idx = torch.topk(rows.abs(), k, dim=1, sorted=False).indices.sort(dim=1).values
+        # |x| is taken a few chunks at a time: a full-size float32 temporary per step is what issue 15 removed
+        group = max(1, _TOPK_GROUP_ELEMS // codec.chunk_elems)
+        idx = torch.cat([torch.topk(rows[g:g + group].abs(), k, dim=1, sorted=False).indices
+                         for g in range(0, codec.num_chunks, group)]).sort(dim=1).values
         vals = torch.gather(rows, 1, idx)
         scale = _chunk_scales(vals.abs().amax(dim=1))
         q = (vals / scale.unsqueeze(1)).to(torch.float16)
