@@ -238,7 +238,8 @@ def encoders(device: torch.device, workdir: Path, *, numel: int, steps: int, cod
                              {k: _as_numpy(v) for k, v in sb.items()})
             identical &= all(np.array_equal(_as_numpy(a[k]), _as_numpy(b[k])) for k in a)
             worst = max(worst, float((dec_a - dec_b).abs().max()))
-        ok = identical if codec.kind != "topk" else worst <= 1e-6 * 10  # ties may pick other indices on a GPU
+        # top-k is compared by decoded values: where two magnitudes tie, a GPU may keep the other one
+        ok = identical if not name.startswith("topk") else worst <= 1e-5
         out[name] = {"bit_identical": identical, "max_decoded_diff": worst, "ok": ok}
     return {"ok": all(v["ok"] for v in out.values()), "codecs": out}
 

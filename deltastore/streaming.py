@@ -33,7 +33,6 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .codecs import _chunk_scales
 from .writer import DEFAULT_BUFFER_BYTES, AsyncStepWriter
 
 DEFAULT_PIECE_ELEMS = 1 << 22  # 16 MiB of float32 parameters: the issue's 16-64 MiB, small against any big model
@@ -120,30 +119,8 @@ class StepStreamer:
     def _encode(self, buf: torch.Tensor, c0: int, c1: int, n: int):
         """Encode one piece (``buf``: its chunks, padded with zeros); a lossy codec adds what it stored, decoded,
         to the base. Returns (streams, side arrays) as device tensors."""
-        codec, kind, rows, c = self.codec, self.codec.kind, c1 - c0, self.codec.chunk_elems
-        if kind == "fp32":
-            return {"data": buf[:n]}, {}
-        base = self.base[c0 * c:c1 * c]
-        if kind == "bf16":
-            data = buf[:n].to(torch.bfloat16)
-            base[:n].add_(data)  # bf16 -> float32 is exact: the base gains exactly what a reader decodes
-            return {"data": data.view(torch.int16)}, {}
-        matrix, base_rows = buf.view(rows, c), base.view(rows, c)
-        if kind == "fp16":
-            low, high = torch.aminmax(matrix, dim=1)  # no |x| temporary
-            scale = _chunk_scales(torch.maximum(high, low.neg()))
-            q = torch.empty((rows, c), dtype=torch.float16, device=buf.device)
-            torch.div(matrix, scale.unsqueeze(1), out=q)  # computed in float32, rounded once to float16
-            base_rows.add_(q.float().mul_(scale.unsqueeze(1)))  # the float32 product, rounded as a reader does
-            return {"data": q.view(-1)[:n]}, {"scale": scale}
-        k = codec.k_per_chunk
-        idx = torch.topk(matrix.abs(), k, dim=1, sorted=False).indices.sort(dim=1).values
-        vals = torch.gather(matrix, 1, idx)
-        scale = _chunk_scales(vals.abs().amax(dim=1))
-        q = (vals / scale.unsqueeze(1)).to(torch.float16)
-        base_rows.scatter_add_(1, idx, q.float().mul_(scale.unsqueeze(1)))
-        coded = torch.diff(idx, dim=1, prepend=torch.zeros_like(idx[:, :1])).to(torch.int32)
-        return {"values": q.view(-1), "indices": coded.view(-1)}, {"scale": scale}
+        c = self.codec.chunk_elems
+        return self.codec.encode_piece(buf.view(c1 - c0, c), self.base[c0 * c:c1 * c].view(c1 - c0, c), n)
 
     # ------------------------------------------------------------ the state since the last step
     def changed(self, state: Mapping[str, torch.Tensor]) -> bool:
