@@ -117,13 +117,21 @@ class Codec(ABC):
         """Encode one flat float32 delta on its device; a lossy codec takes ``enc.add_residual(delta)`` and leaves
         what it lost in ``enc.residual``. Returns (streams, side arrays) as tensors."""
 
-    @abstractmethod
     def encode_piece(self, x: torch.Tensor, base: torch.Tensor, n: int) -> tuple[dict[str, torch.Tensor],
                                                                                dict[str, torch.Tensor]]:
         """Encode one piece of a step streamed by :class:`~deltastore.streaming.StepStreamer`: ``x`` is the
         piece's ``S_t - base`` as a (chunks, chunk_elems) matrix whose ``n`` real elements are followed by zeros.
         A lossy codec adds what it stores, decoded exactly as a reader decodes it, to ``base`` (the same shape:
-        what readers reconstruct), which is its error feedback. Returns (streams, side arrays) for those chunks."""
+        what readers reconstruct), which is its error feedback. Returns (streams, side arrays) for those chunks.
+
+        This default serves a codec that only defines :meth:`encode` and :meth:`accumulate`: it encodes the piece
+        with a piece-sized codec of the same name (no residual) and decodes it into ``base``. The built-in codecs
+        override it to skip the extra buffers."""
+        piece = parse_codec(self.name, numel=n, chunk_elems=x.shape[1])
+        streams, side = piece.encode(piece.encoder(x.device), x.reshape(-1)[:n])
+        if self.lossy:
+            piece.accumulate(base.reshape(-1)[:n], 0, x.shape[0], streams, side)
+        return streams, side
 
     @abstractmethod
     def accumulate(self, acc: torch.Tensor, c0: int, c1: int, streams: dict[str, ArrayLike],

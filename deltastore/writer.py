@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import threading
@@ -53,7 +54,14 @@ from .hostpool import HostBufferPool, align
 DEFAULT_BUFFER_BYTES = 512 << 20  # the pinned pool's budget on a GPU (issue 15: at most 1 GiB)
 CPU_BUFFER_BYTES = 96 << 20  # on the CPU the copy is synchronous: a few pieces absorb the writer's jitter
 DEFAULT_PIECE_BYTES = 32 << 20  # encoded bytes per piece: big enough for blosc's threads, small against any model
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint16": torch.int16, "int32": torch.int32}
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a stream of numpy dtype ``name`` travels as (unsigned 16/32-bit types as their signed
+    bit patterns: torch cannot copy those on every device)."""
+    carrier = {"uint16": "int16", "uint32": "int32"}.get(name, name)
+    return torch.from_numpy(np.empty(0, carrier)).dtype
 
 
 class AsyncStepWriter:
@@ -241,7 +249,7 @@ class AsyncStepWriter:
 
         def copy() -> None:
             for (_, dtype, count, offset), src in zip(layout, sources):
-                dst = pool.tensor(index, _TORCH_DTYPES[dtype], count, offset)
+                dst = pool.tensor(index, _torch_dtype(dtype), count, offset)
                 if src.dtype != dst.dtype and src.element_size() == dst.element_size():
                     src = src.view(dst.dtype)  # bf16 travels as its raw 16 bits
                 dst.copy_(src, non_blocking=True)
