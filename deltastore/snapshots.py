@@ -23,7 +23,6 @@ import json
 import math
 import os
 import stat
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptionError, FormatError
-from .fileio import crc32c, fsync_dir
+from .fileio import atomic_writer, crc32c
 
 PIECE_BYTES = 16 << 20  # device tensors travel to the file in pieces of this size; reads go in pieces of it too
 MAX_HEADER = 100_000_000  # what the safetensors library itself accepts
@@ -81,32 +80,18 @@ def write_snapshot(path: Path, tensors: Mapping[str, Entry], *, durable: bool = 
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     head = len(raw).to_bytes(8, "little") + raw
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     crc, size = crc32c(head), len(head)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            for name, nbytes, pieces in specs:
-                written = 0
-                for piece in pieces():
-                    data = _raw(piece)
-                    f.write(data)
-                    crc, written = crc32c(data, crc), written + len(data)
-                if written != nbytes:
-                    raise FormatError(f"tensor {name!r}: {written} bytes were produced where {nbytes} were declared")
-                size += written
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        fsync_dir(path.parent)
+    with atomic_writer(path, durable=durable) as f:
+        f.write(head)
+        for name, nbytes, pieces in specs:
+            written = 0
+            for piece in pieces():
+                data = _raw(piece)
+                f.write(data)
+                crc, written = crc32c(data, crc), written + len(data)
+            if written != nbytes:
+                raise FormatError(f"tensor {name!r}: {written} bytes were produced where {nbytes} were declared")
+            size += written
     return crc, size
 
 

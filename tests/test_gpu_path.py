@@ -141,30 +141,13 @@ def test_top_k_indices_outside_their_chunk_are_refused_before_anything_is_upload
 
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)
 @pytest.mark.cuda
-def test_device_reduce_equals_the_cpu_reduce_for_every_codec(tmp_path):
-    res = gpu_check.reduce_check(torch.device("cuda"), tmp_path, numel=5000, steps=10)
-    assert res["ok"], res
-
-
-@pytest.mark.cuda
-def test_writer_race_stress_on_the_device(tmp_path):
-    res = gpu_check.writer_stress(torch.device("cuda"), tmp_path, numel=1 << 18, steps=12)
-    assert res["ok"], res
-
-
-@pytest.mark.cuda
-def test_recording_on_the_device_matches_device_snapshots_and_sync_recording(tmp_path):
-    res = gpu_check.recording(torch.device("cuda"), tmp_path, steps=8)
-    assert res["ok"], res
-
-
-@pytest.mark.cuda
-def test_cpu_and_device_encoders_agree(tmp_path):
-    res = gpu_check.encoders(torch.device("cuda"), tmp_path, numel=1 << 16, steps=4)
-    assert res["ok"], res
-
-
-@pytest.mark.cuda
-def test_recording_and_device_reduce_never_synchronise_the_host(tmp_path):
-    res = gpu_check.sync_debug(torch.device("cuda"), tmp_path, steps=4)
+@pytest.mark.parametrize("check, options", [
+    (gpu_check.reduce_check, {"numel": 5000, "steps": 10}),  # device reduce == CPU reduce, every codec
+    (gpu_check.writer_stress, {"numel": 1 << 18, "steps": 12}),  # late inputs, allocator churn, slow store
+    (gpu_check.recording, {"steps": 8}),  # fp32 == device snapshots; async == sync bytes
+    (gpu_check.encoders, {"numel": 1 << 16, "steps": 4}),  # CPU and device encoders agree
+    (gpu_check.sync_debug, {"steps": 4}),  # set_sync_debug_mode("error") around recording and reduce
+], ids=["reduce", "writer_stress", "recording", "encoders", "sync_debug"])
+def test_gpu_path_on_the_device(tmp_path, check, options):
+    res = check(torch.device("cuda"), tmp_path, **options)
     assert res["ok"], res
