@@ -45,7 +45,6 @@ import torch
 from deltastore import (DEFAULT_PIECE_ELEMS, DeltaStore, LayoutMismatchError, ReadOnlyError, StepStreamer,
                         StoreExistsError, StoreNotFoundError, WriterError)
 from deltastore.fileio import atomic_write_bytes, crc32c, read_regular_file
-from deltastore.writer import DEFAULT_BUFFER_BYTES
 
 from .errors import ModelMismatchError, RecorderError, ResumeError, RunExistsError, RunNotFoundError
 
@@ -94,7 +93,7 @@ class Recorder:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: str | Path, *,
                  codec: str = "fp32", backend: str = "zarr", chunk_elems: int = 1 << 20, durable: bool = True,
-                 slots: int | None = None, max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+                 slots: int | None = None, max_buffer_bytes: int | None = None,
                  model_spec: dict | None = None, extra: dict | None = None, resume: bool = False,
                  checkpoint: str | Path | None = None, piece_elems: int = DEFAULT_PIECE_ELEMS):
         self.model, self.optimizer = model, optimizer

@@ -46,18 +46,20 @@ class StepStreamer:
         state: the current state (``S_0``, or the state at the step a run resumes from).
         device: where the state lives and the encoding runs.
         piece_elems: parameters per piece (rounded down to whole data chunks, at least one).
-        slots, max_buffer_bytes: the writer's host buffer pool (see :class:`~deltastore.writer.AsyncStepWriter`).
+        slots, max_buffer_bytes: the writer's host buffer pool (see :class:`~deltastore.writer.AsyncStepWriter`;
+            None: its defaults).
         residual: a lossy codec's error-feedback residual to continue from (``S - R``, from a checkpoint).
     """
 
     def __init__(self, store, state: Mapping[str, torch.Tensor], *, device: torch.device | str,
                  piece_elems: int = DEFAULT_PIECE_ELEMS, slots: int | None = None,
-                 max_buffer_bytes: int = DEFAULT_BUFFER_BYTES, residual: torch.Tensor | None = None):
+                 max_buffer_bytes: int | None = None, residual: torch.Tensor | None = None):
         self.store, self.layout, self.codec = store, store.layout, store.codec
         self.device = torch.device(device)
         self._cuda = self.device.type == "cuda"
         c, n = self.codec.chunk_elems, self.layout.numel
-        self.writer = AsyncStepWriter(store, device=self.device, slots=slots, max_buffer_bytes=max_buffer_bytes,
+        budget = DEFAULT_BUFFER_BYTES if max_buffer_bytes is None else max_buffer_bytes
+        self.writer = AsyncStepWriter(store, device=self.device, slots=slots, max_buffer_bytes=budget,
                                       piece_chunks=max(1, piece_elems // c))
         per = self.writer.chunks_per_piece
         self.piece_elems = per * c
