@@ -290,7 +290,7 @@ class DeltaStore:
                     hi = min(lo + step, n)
                     piece = residual(lo, hi) if callable(residual) else residual.reshape(-1)[lo:hi]
                     piece = piece.detach().float().cpu()
-                    squares[0] += float(piece.double().square().sum())
+                    squares[0] += float(torch.linalg.vector_norm(piece)) ** 2  # no piece-sized temporary
                     yield piece
 
             commit["residual_crc32c"], commit["residual_bytes"] = write_snapshot(
@@ -306,7 +306,7 @@ class DeltaStore:
                 flat = final[e.name].detach().reshape(-1)
                 for a, b in start.ranges(e.name):
                     diff = flat[a:b].float().cpu() - start.read_range(e.name, a, b).float()
-                    total += float(diff.double().square().sum())
+                    total += float(torch.linalg.vector_norm(diff)) ** 2
         return total
 
     def _write_commit(self, commit: dict) -> None:
