@@ -52,7 +52,7 @@ from .errors import DeltaStoreError, WriterError
 from .hostpool import HostBufferPool, align
 
 DEFAULT_BUFFER_BYTES = 512 << 20  # the pinned pool's budget on a GPU (issue 15: at most 1 GiB)
-CPU_BUFFER_BYTES = 96 << 20  # on the CPU the copy is synchronous: a few pieces absorb the writer's jitter
+CPU_BUFFER_BYTES = 48 << 20  # on the CPU the copy is synchronous: three 16 MiB pieces absorb the writer's jitter
 DEFAULT_PIECE_BYTES = 32 << 20  # encoded bytes per piece: big enough for blosc's threads, small against any model
 
 
