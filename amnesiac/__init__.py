@@ -3,11 +3,11 @@
 Implements amnesiac unlearning (Graves, Nagisetty, Ganesh, AAAI 2021) on top of :mod:`deltastore`.
 """
 
-from .errors import (AmnesiacError, DataError, ModelMismatchError, RecorderError, ResumeError, RunDamagedError,
-                     RunExistsError, RunNotFoundError, SelectionError)
+from .errors import (AmnesiacError, DataError, ModelMismatchError, RecorderError, ResumeError,
+                     RunDamagedError, RunExistsError, RunNotFoundError, SelectionError)
 from .recorder import Recorder
 from .run import Run, UnlearnReport, open_run
 
-__all__ = ["AmnesiacError", "DataError", "ModelMismatchError", "Recorder", "RecorderError", "ResumeError", "Run",
-           "RunDamagedError", "RunExistsError", "RunNotFoundError", "SelectionError", "UnlearnReport", "open_run"]
+__all__ = ["AmnesiacError", "DataError", "ModelMismatchError", "Recorder", "RecorderError",
+           "ResumeError", "Run", "RunDamagedError", "RunExistsError", "RunNotFoundError", "SelectionError", "UnlearnReport", "open_run"]
 __version__ = "0.1.0"

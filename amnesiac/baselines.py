@@ -22,8 +22,9 @@ Example:
     >>> spec = model_spec("mlp", bundle.input_shape, 10)
     >>> _ = torch.manual_seed(0); model = build_model(spec); opt = make_optimizer(model)
     >>> run_dir = tempfile.mkdtemp() + "/run"
-    >>> extra = {"data": bundle.spec, "batch_size": 64, "epochs": 1}
-    >>> with Recorder(model, opt, run_dir, durable=False, model_spec=spec, extra=extra) as rec:
+    >>> from amnesiac.setting import TrainingSetting
+    >>> setting = TrainingSetting(model_spec=spec, data=bundle.spec, batch_size=64, epochs=1)
+    >>> with Recorder(model, opt, run_dir, durable=False, **setting.recorder_options()) as rec:
     ...     _ = train(model, opt, bundle.train, epochs=1, recorder=rec)
     >>> task = UnlearnTask.from_run(open_run(run_dir), classes=[3], bundle=bundle)
     >>> result = METHODS["amnesiac"](task)
@@ -44,6 +45,8 @@ from .data import DataBundle, IndexedDataset, bundle_from_spec
 from .errors import AmnesiacError, SelectionError
 from .models import build_model
 from .run import Run
+from .selection import Selection
+from .setting import TrainingSetting
 from .training import make_optimizer, train, train_steps_ascent
 
 
@@ -56,7 +59,7 @@ class UnlearnTask:
     train_set: IndexedDataset   # the data the run was trained on
     forget_set: IndexedDataset  # the samples to forget (a subset of train_set)
     retained: IndexedDataset    # train_set without forget_set
-    selection: dict             # for Run.unlearn: {"classes": [...]}, {"sample_ids": [...]} or {"steps": [...]}
+    selection: Selection        # what Run.unlearn undoes: classes, sample ids or steps
     optimizer: str = "adam"
     lr: float = 1e-3
     batch_size: int = 64
@@ -68,40 +71,32 @@ class UnlearnTask:
     def from_run(cls, run: Run, *, classes=None, sample_ids=None, steps=None, bundle: DataBundle | None = None,
                  download: bool = False, **overrides) -> UnlearnTask:
         """Build the task from a run recorded with a model and data description (``amnesiac train`` or the
-        experiments store them); ``bundle`` skips reloading the data. ``overrides`` replace hyper-parameters."""
-        spec = run.spec
-        if not spec.get("model_spec"):
-            raise AmnesiacError("this run holds no model description; record it with model_spec=... (as "
-                                "`amnesiac train` does) to use the baselines, which must rebuild the model")
-        extra = spec.get("extra", {})
+        experiments store them, see :class:`~amnesiac.setting.TrainingSetting`); ``bundle`` skips reloading the
+        data. ``overrides`` replace hyper-parameters."""
+        setting = TrainingSetting.of_run(run)
+        model_spec = setting.require_model("the baselines (which rebuild the model)")
+        selection = Selection.of(classes=classes, sample_ids=sample_ids, steps=steps)
         if bundle is None:
-            bundle = bundle_from_spec(extra.get("data", {}), download=download)
+            bundle = bundle_from_spec(setting.data, download=download)
         train_set = bundle.train
-        given = [v for v in (classes, sample_ids, steps) if v is not None]
-        if len(given) != 1:
-            raise AmnesiacError("pass exactly one of classes=, sample_ids= or steps=")
-        if classes is not None:
-            selection = {"classes": [int(c) for c in classes]}
-            forget = train_set.only_classes(selection["classes"])
-        elif sample_ids is not None:
-            selection = {"sample_ids": [int(i) for i in sample_ids]}
-            forget = train_set.only_ids(selection["sample_ids"])
-            missing = sorted(set(selection["sample_ids"]) - set(forget.ids.tolist()))
+        if selection.kind == "classes":
+            forget = train_set.only_classes(selection.values.tolist())
+        elif selection.kind == "sample_ids":
+            forget = train_set.only_ids(selection.values)
+            missing = sorted(set(selection.values.tolist()) - set(forget.ids.tolist()))
             if missing:  # as amnesiac itself refuses them: a baseline must not silently forget nothing
                 raise SelectionError(f"{len(missing)} sample id(s) are not in the run's training data, e.g. "
                                      f"{missing[:5]}; check the ids. Nothing was unlearned.")
         else:
-            selection = {"steps": [int(s) for s in steps]}
-            seen = [run.samples_of_step(s) for s in selection["steps"]]
+            seen = [run.samples_of_step(s) for s in selection.values.tolist()]
             forget = train_set.only_ids(np.concatenate(seen) if seen else np.zeros(0, np.int64))
-        if len(forget) == 0 and steps is None:  # undoing no step is a valid point of a curve; no class is not
+        if len(forget) == 0 and selection.kind != "steps":  # undoing no step is a valid point of a curve
             raise SelectionError(f"the selection {selection} holds no training sample of this run: nothing to forget")
         retained = train_set.without_ids(forget.ids.numpy())
-        fields = {"optimizer": extra.get("optimizer", "adam"), "lr": extra.get("lr", 1e-3),
-                  "batch_size": extra.get("batch_size", 64), "epochs": extra.get("epochs", 5),
-                  "seed": extra.get("seed", extra.get("data", {}).get("seed", 0))}
+        fields = {"optimizer": setting.optimizer, "lr": setting.lr, "batch_size": setting.batch_size,
+                  "epochs": setting.epochs, "seed": setting.seed}
         fields.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(run, spec["model_spec"], train_set, forget, retained, selection, test_set=bundle.test, **fields)
+        return cls(run, model_spec, train_set, forget, retained, selection, test_set=bundle.test, **fields)
 
     def model(self, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
         """A fresh model of the run's architecture, with ``state`` loaded (default: the run's final state)."""
@@ -186,7 +181,7 @@ def neggrad(task: UnlearnTask, *, epochs: int = 1, lr: float | None = None, opti
 def amnesiac(task: UnlearnTask, *, device: str = "cpu") -> MethodResult:
     """Undo every recorded step whose batch held a forget sample."""
     start = time.perf_counter()
-    report = task.run.unlearn_report(**task.selection, device=device)
+    report = task.run.unlearn_report(**task.selection.kwargs(), device=device)
     state = {k: v.cpu() for k, v in report.state.items()}
     return MethodResult("amnesiac", state, time.perf_counter() - start, report.summary())
 

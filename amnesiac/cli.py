@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltastore import DeltaStoreError
+from deltastore import DeltaStoreError, resolve_device
 
 from .errors import AmnesiacError, SelectionError
+from .selection import Selection
+from .setting import TrainingSetting
 
-METHOD_NAMES = ("amnesiac", "amnesiac-finetune", "retrain", "finetune", "relabel", "neggrad")
-EXPERIMENT_NAMES = ("mnist", "cifar100", "samples", "fraction", "codecs")
 EPILOG = "Errors exit with status 2 and one line naming the remedy; nothing is written on bad input."
 
 
@@ -36,13 +36,6 @@ def parse_ints(text: str) -> list[int]:
     return out
 
 
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AmnesiacError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return device
-
-
 def cmd_demo(args) -> dict:
     from .demo import format_table, run_demo
     result = run_demo(args.run, keep=args.keep, epochs=args.epochs, codec=args.codec, progress=not args.json)
@@ -56,7 +49,7 @@ def cmd_train(args) -> dict:
     from .models import build_model, model_spec
     from .recorder import Recorder
     from .training import accuracy, make_optimizer, train
-    device = _device(args.device)
+    device = resolve_device(args.device)
     bundle = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download, seed=args.seed,
                           path=args.data_path, size=args.size)
     data_spec = dict(bundle.spec)
@@ -67,10 +60,10 @@ def cmd_train(args) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(spec).to(device)
     opt = make_optimizer(model, args.optimizer, args.lr)
-    extra = {"data": data_spec, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
-             "epochs": args.epochs, "seed": args.seed}
-    with Recorder(model, opt, args.run, codec=args.codec, backend=args.backend, model_spec=spec,
-                  extra=extra) as rec:
+    setting = TrainingSetting(model_spec=spec, data=data_spec, optimizer=args.optimizer, lr=args.lr,
+                              batch_size=args.batch_size, epochs=args.epochs, seed=args.seed)
+    with Recorder(model, opt, args.run, codec=args.codec, backend=args.backend,
+                  **setting.recorder_options()) as rec:
         seconds = train(model, opt, bundle.train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                         recorder=rec, progress=not args.json)
     acc = accuracy(model, bundle.test)
@@ -82,10 +75,10 @@ def cmd_train(args) -> dict:
     return result
 
 
-def _selection(args) -> dict:
-    return {"sample_ids": parse_ints(args.samples) if args.samples else None,
-            "classes": parse_ints(args.classes) if args.classes else None,
-            "steps": parse_ints(args.steps) if args.steps else None}
+def _selection(args) -> Selection:
+    return Selection.of(sample_ids=parse_ints(args.samples) if args.samples else None,
+                        classes=parse_ints(args.classes) if args.classes else None,
+                        steps=parse_ints(args.steps) if args.steps else None)
 
 
 def cmd_forget(args) -> dict:
@@ -103,7 +96,7 @@ def cmd_forget(args) -> dict:
     elif args.finetune_epochs and method != "amnesiac-finetune":
         raise AmnesiacError(f"--finetune-epochs is for amnesiac; --method {method} takes its length from --epochs")
     if method == "amnesiac":
-        report = run.unlearn_report(**selection, device=_device(args.device), progress=not args.json)
+        report = run.unlearn_report(**selection.kwargs(), device=resolve_device(args.device), progress=not args.json)
         state = {k: v.cpu() for k, v in report.state.items()}
         result = {"run": str(run.path), "out": str(out), "method": method, **report.summary(), "finetune_epochs": 0,
                   "finetune_seconds": 0.0, "complete_run": run.complete}
@@ -127,14 +120,11 @@ def cmd_forget(args) -> dict:
 def _baseline(run, selection, method, args):
     """Every --method but plain amnesiac: needs the model and data description `amnesiac train` stores."""
     from .baselines import UnlearnTask, run_method
-    spec = run.spec
-    if not spec.get("model_spec"):
-        raise AmnesiacError(f"--method {method} (or --finetune-epochs) needs the model and data description that "
-                            "`amnesiac train` stores; this run was recorded from Python: use amnesiac.baselines there")
-    task = UnlearnTask.from_run(run, **{k: v for k, v in selection.items() if v is not None}, download=args.download)
+    TrainingSetting.of_run(run).require_model(f"--method {method} (or --finetune-epochs)")
+    task = UnlearnTask.from_run(run, **selection.kwargs(), download=args.download)
     options: dict = {}
     if method == "amnesiac-finetune":
-        options = {"epochs": args.finetune_epochs or args.epochs or 1, "device": str(_device(args.device))}
+        options = {"epochs": args.finetune_epochs or args.epochs or 1, "device": str(resolve_device(args.device))}
     elif method in ("finetune", "relabel", "neggrad") and args.epochs:
         options = {"epochs": args.epochs}
     elif method == "retrain" and args.epochs:
@@ -160,12 +150,10 @@ def cmd_eval(args) -> dict:
     from .run import open_run
     from .training import accuracy
     run = open_run(args.run)
-    spec = run.spec
-    if not spec.get("model_spec"):
-        raise AmnesiacError("this run holds no model description (it was not recorded by `amnesiac train`); "
-                            "evaluate it from Python with amnesiac.training.accuracy and amnesiac.evaluation")
-    bundle = bundle_from_spec(spec.get("extra", {}).get("data", {}), download=args.download)
-    model = build_model(spec["model_spec"])
+    setting = TrainingSetting.of_run(run)
+    model = build_model(setting.require_model("amnesiac eval (otherwise evaluate from Python with "
+                                              "amnesiac.training.accuracy and amnesiac.evaluation)"))
+    bundle = bundle_from_spec(setting.data, download=args.download)
     state = load_file(args.weights) if args.weights else run.final_state()
     run.load_into(model, state)
     forget = parse_ints(args.forget_classes) if args.forget_classes else []
@@ -223,7 +211,7 @@ def _f(x, digits: int = 3) -> str:
 def cmd_experiment(args) -> dict:
     from .experiments import run_experiment
     result = run_experiment(args.name, config=args.config, out=args.out, smoke=args.smoke, keep_runs=args.keep_runs,
-                            quiet=args.json)
+                            quiet=args.json, data_dir=args.data_dir)
     if not args.json:
         print(Path(result["report"]).read_text())
         print(f"wrote {result['out']}/ (report.md, results.json, plots)")
@@ -231,9 +219,11 @@ def cmd_experiment(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from deltastore.codecs import CODEC_NAMES
+    from deltastore import CODEC_NAMES
 
+    from .baselines import METHODS
     from .data import DATASETS
+    from .experiments import EXPERIMENTS
     from .models import MODELS
     p = argparse.ArgumentParser(prog="amnesiac", description="Record PyTorch training runs and forget training "
                                 "samples by undoing the optimizer steps that saw them (amnesiac unlearning).",
@@ -264,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-class", type=int, help="keep only --keep-count samples of this class (paper setting)")
     t.add_argument("--keep-count", type=int, default=100)
     t.add_argument("--size", type=int, default=2000, help="samples of the synthetic data set")
-    t.add_argument("--data-dir", help="torchvision data folder (mnist, cifar100)")
+    t.add_argument("--data-dir", help="data folder: torchvision's copies (mnist, cifar100), and where a relative "
+                   "--data-path is found if not in the working directory (default: $AMNESIAC_DATA, else ./data)")
     t.add_argument("--data-path", help="the .npz file for --dataset npz (arrays images, labels)")
     t.add_argument("--download", action="store_true", help="let torchvision download mnist/cifar100")
     t.add_argument("--device", default="cpu")
@@ -280,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--steps", help="steps to undo")
     f.add_argument("--out", required=True, help="output FILE.safetensors")
     f.add_argument("--overwrite", action="store_true")
-    f.add_argument("--method", default="amnesiac", choices=METHOD_NAMES,
+    f.add_argument("--method", default="amnesiac", choices=list(METHODS),
                    help="amnesiac (default: undo the steps), amnesiac-finetune, or a baseline: retrain (from the "
                    "run's initial weights), finetune (on the retained data), relabel (random wrong labels for the "
                    "forget set), neggrad (gradient ascent on the forget set); all but amnesiac need the run's data")
@@ -309,8 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="run one of the paper's experiments and write a report with plots",
                        description="Run an experiment with every hyper-parameter and seed from a config file and "
                        "write results.json, report.md and PNG plots into OUT/NAME.")
-    x.add_argument("name", choices=EXPERIMENT_NAMES)
-    x.add_argument("--config", help="JSON or TOML config (default: configs/NAME.json in the repository)")
+    x.add_argument("name", choices=list(EXPERIMENTS))
+    x.add_argument("--config", help="JSON or TOML config FILE, or the name of a packaged config such as "
+                   "mnist_resnet18 (default: the packaged NAME config)")
+    x.add_argument("--data-dir", help="folder where the config's relative data paths (mnist10k.npz) are found "
+                   "(default: $AMNESIAC_DATA; settings whose data is missing are skipped and reported)")
     x.add_argument("--out", default="runs/experiments", help="output folder (default runs/experiments)")
     x.add_argument("--smoke", action="store_true", help="a tiny version (seconds): the config's smoke overrides")
     x.add_argument("--keep-runs", action="store_true", help="keep the recorded run directories (large)")

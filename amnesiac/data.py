@@ -2,9 +2,13 @@
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download), fixed-seed split.
 - ``synthetic``: generated 10-class 8x8 images (class templates plus noise), any size, for tests and benchmarks.
-- ``npz``: any ``.npz`` with ``images`` (N, H, W) or (N, C, H, W) and ``labels`` (N,), e.g. the 10,000 real MNIST
-  digits in ``../shared/data/mnist10k.npz``; fixed-seed split.
+- ``npz``: any ``.npz`` with ``images`` (N, H, W) or (N, C, H, W) and ``labels`` (N,), e.g. ``mnist10k.npz``, 10,000
+  real MNIST digits; fixed-seed split.
 - ``mnist`` and ``cifar100``: torchvision's loaders, from ``data_dir``; ``download=True`` fetches them.
+
+Where data files are found: a path or folder given as an option; a relative ``.npz`` path that does not exist in the
+working directory is looked up in the folder named by the environment variable ``AMNESIAC_DATA``, which is also the
+default ``data_dir`` of the torchvision loaders (else ``./data``). Nothing is looked up in the package's own folders.
 
 Example:
     >>> bundle = load_dataset("digits")
@@ -15,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +30,32 @@ from torch.utils.data import Dataset
 from .errors import DataError
 
 DATASETS = ("digits", "synthetic", "npz", "mnist", "cifar100")
+DATA_ENV = "AMNESIAC_DATA"  # a folder holding data files (mnist10k.npz, torchvision's copies)
+
+
+def data_root(option: str | Path | None = None) -> Path | None:
+    """The data folder: ``option`` if given, else ``$AMNESIAC_DATA``, else None."""
+    value = option or os.environ.get(DATA_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def resolve_data_path(path: str | Path, root: str | Path | None = None) -> Path:
+    """``path`` itself when absolute or present in the working directory, else under the data folder
+    (:func:`data_root` of ``root``) when it is there; otherwise ``path`` unchanged (the caller reports it missing).
+
+    Example:
+        >>> import os, tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp()); (folder / "x.npz").touch()
+        >>> resolve_data_path("x.npz", folder) == folder / "x.npz", resolve_data_path("nowhere.npz", folder)
+        (True, PosixPath('nowhere.npz'))
+    """
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    root = data_root(root)
+    if root is not None and (root / path).exists():
+        return root / path
+    return path
 
 
 class IndexedDataset(Dataset):
@@ -123,9 +154,10 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, download: boo
     if name == "npz":
         if path is None:
             raise DataError("the npz data set needs a path (--data-path FILE.npz)")
-        path = Path(path)
+        path = resolve_data_path(path, data_dir)
         if not path.is_file():
-            raise DataError(f"{path} does not exist; give an .npz file with arrays 'images' and 'labels'")
+            raise DataError(f"{path} does not exist; give an .npz file with arrays 'images' and 'labels' (a relative "
+                            f"path is looked up in the working directory, then in ${DATA_ENV})")
         with np.load(path, allow_pickle=False) as f:  # never unpickle data files
             if "images" not in f or "labels" not in f:
                 raise DataError(f"{path} must hold arrays 'images' and 'labels'; it has {sorted(f.files)}")
@@ -142,7 +174,7 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, download: boo
 
 def _torchvision(name: str, data_dir, download: bool, spec: dict) -> DataBundle:
     import torchvision
-    root = Path(data_dir or "data")
+    root = data_root(data_dir) or Path("data")
     cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.CIFAR100
     try:
         parts = [cls(str(root), train=train, download=download) for train in (True, False)]

@@ -18,6 +18,7 @@ from .data import load_dataset
 from .models import build_model, model_spec
 from .recorder import Recorder
 from .run import open_run
+from .setting import TrainingSetting
 from .training import accuracy, make_optimizer, train
 
 
@@ -35,8 +36,9 @@ def run_demo(run_dir: str | Path | None = None, *, target: int = 3, keep: int = 
     torch.manual_seed(seed)
     model = build_model(spec)
     opt = make_optimizer(model, "adam", lr)
-    with Recorder(model, opt, run_dir, codec=codec, durable=False, model_spec=spec,
-                  extra={"data": data_spec, "batch_size": batch_size}) as rec:
+    setting = TrainingSetting(model_spec=spec, data=data_spec, optimizer="adam", lr=lr, batch_size=batch_size,
+                              epochs=epochs, seed=seed)
+    with Recorder(model, opt, run_dir, codec=codec, durable=False, **setting.recorder_options()) as rec:
         train_seconds = train(model, opt, train_set, epochs=epochs, batch_size=batch_size, seed=seed, recorder=rec,
                               progress=progress)
     rows = {"trained": accuracy(model, bundle.test, [target])}

@@ -38,3 +38,4 @@ class ResumeError(AmnesiacError, ValueError):
 
 class RunDamagedError(AmnesiacError, ValueError):
     """A run directory is damaged or malformed in a way the storage layer did not name (its message says what)."""
+

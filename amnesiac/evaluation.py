@@ -60,7 +60,7 @@ def _fixed_sample(data: IndexedDataset, limit: int, seed: int = 0) -> IndexedDat
 
 
 def forget_classes_of(task) -> list[int]:
-    return list(task.selection.get("classes", []))
+    return task.selection.classes
 
 
 def evaluate(task, state: dict[str, torch.Tensor], *, reference: dict[str, torch.Tensor] | None = None,

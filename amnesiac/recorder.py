@@ -33,26 +33,19 @@ from the last one; the steps committed after it are dropped and recorded again, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import safetensors
-import safetensors.torch
-from safetensors.torch import load as safetensors_from_bytes  # never pickle: plain tensors only
 import torch
 
-from deltastore import (DEFAULT_PIECE_ELEMS, DeltaStore, LayoutMismatchError, ReadOnlyError, StepStreamer,
-                        StoreExistsError, StoreNotFoundError, WriterError)
-from deltastore.fileio import atomic_write_bytes, crc32c, read_regular_file
+from deltastore import (DEFAULT_BUFFER_BYTES, AsyncStepWriter, DeltaStore, LayoutMismatchError, ReadOnlyError,
+                        StoreExistsError, StoreNotFoundError, WriterError, check_state_at, log_tail_crc32c)
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ModelMismatchError, RecorderError, ResumeError, RunExistsError, RunNotFoundError
+from .loops import StepTrigger, as_optimizers, check_dtypes, recorded_state, unwrap_model
 
 RUN_FORMAT = 1
-CHECKPOINT_FORMAT = 1
-RESUME_TOLERANCE = 1e-4  # relative to how far the model moved from theta_0: float32 summation of many steps
-MAX_CHECKPOINT_BYTES = 1 << 40
-_LOG_TAIL = 4096  # the checkpoint keeps the crc32c of the step log's last bytes at its step: the same history?
 
 
 def _as_int64(values, what: str) -> np.ndarray:
@@ -74,10 +67,15 @@ class Recorder:
         codec: ``"fp32"`` (exact), ``"fp16"``, ``"bf16"`` or ``"topk:F"``.
         backend: ``"zarr"`` (compressed, default) or ``"safetensors"`` (one uncompressed file per step).
         durable: fsync each step before committing it (survives power loss, not only a killed process).
-        slots, max_buffer_bytes: the pool of host buffers between the training thread and the writer thread.
-        piece_elems: parameters per piece: each step streams through delta, encoder and writer this many at a time,
-            so recording holds one model-sized buffer (the previous state) plus a bounded amount.
+        slots, max_buffer_bytes: the host ring buffer between the training thread and the writer thread.
         model_spec: JSON describing how to rebuild the model (used by the command line); free for the caller.
+        record_on: with several optimizers stepping one model (a list as ``optimizer``), the one whose step ends
+            a recorded step (the optimizer or its index; the last one by default): one recorded step per iteration.
+        scaler: the ``torch.amp.GradScaler`` of an AMP loop: a step it skips (inf/NaN gradients) records nothing,
+            and the samples declared for it are dropped (that step changed nothing), not charged to the next one.
+        process_group: under ``torch.distributed`` (DDP or FSDP2, see :mod:`amnesiac.distributed`) every rank
+            constructs the Recorder with the same ``run_dir``; ``"auto"`` uses the default group when it has more
+            than one rank, ``None`` records as one process.
         resume: continue an incomplete run (one left by a crash, or closed with ``finalize=False``) instead of
             creating one. ``codec``, ``backend``, ``chunk_elems`` and ``durable`` are then the run's own.
         checkpoint: with ``resume``, a file written by :meth:`checkpoint`: the model and optimizer are loaded from
@@ -93,10 +91,12 @@ class Recorder:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: str | Path, *,
                  codec: str = "fp32", backend: str = "zarr", chunk_elems: int = 1 << 20, durable: bool = True,
-                 slots: int | None = None, max_buffer_bytes: int | None = None,
+                 slots: int | None = None, max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  model_spec: dict | None = None, extra: dict | None = None, resume: bool = False,
-                 checkpoint: str | Path | None = None, piece_elems: int = DEFAULT_PIECE_ELEMS):
+                 checkpoint: str | Path | None = None, record_on=None, scaler=None, process_group="auto"):
         self.model, self.optimizer = model, optimizer
+        self._module = unwrap_model(model)  # DDP / torch.compile wrappers: store the plain module's names
+        optimizers = as_optimizers(optimizer)
         self.epoch = 0  # stored with every step; set it from the training loop if you like
         residual = None
         if checkpoint is not None and not resume:
@@ -108,11 +108,11 @@ class Recorder:
             except BaseException:
                 self.store.close()
                 raise
-            state = model.state_dict()
+            state = self._state()
         else:
-            state = model.state_dict()
-            attrs = {"amnesiac": {"format": RUN_FORMAT, "model_class": type(model).__qualname__,
-                                  "model_spec": model_spec, "extra": extra or {}}}
+            state = self._state()
+            attrs = {"amnesiac": {"format": RUN_FORMAT, "model_class": type(self._module).__qualname__,
+                                  "model_spec": model_spec, "extra": extra or {}, **self._more_attrs()}}
             try:
                 self.store = DeltaStore.create(run_dir, state, codec=codec, backend=backend,
                                                chunk_elems=chunk_elems, durable=durable, attrs=attrs)
@@ -122,29 +122,51 @@ class Recorder:
         self.layout = self.store.layout
         tensors = [t for t in state.values() if torch.is_floating_point(t)]
         self.device = tensors[0].device if tensors else torch.device("cpu")
-        try:
-            self._stream = StepStreamer(self.store, state, device=self.device, piece_elems=piece_elems, slots=slots,
-                                        max_buffer_bytes=max_buffer_bytes, residual=residual)
-        except BaseException:
-            self.store.close()
-            raise
-        self._writer = self._stream.writer
+        self._prev = self.layout.flatten(state, out=torch.empty(self.layout.numel, device=self.device))
+        self._delta = torch.empty_like(self._prev)
+        self._encoder = self.store.codec.encoder(self.device)
+        if residual is not None:
+            self._encoder.residual.copy_(residual.to(self.device))
+        self._writer = AsyncStepWriter(self.store, device=self.device, slots=slots, max_buffer_bytes=max_buffer_bytes)
         self._ids: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._closed = False
-        self._hook = optimizer.register_step_post_hook(self._on_step)
+        self._dtypes = {e.name: state[e.name].dtype for e in self.layout.entries}
+        self._trigger = StepTrigger(optimizers, self._record_step, self._drop_pending, record_on=record_on,
+                                    scaler=scaler)
+
+    def __new__(cls, model=None, *args, process_group="auto", **kwargs):
+        if cls is Recorder:  # under torch.distributed every rank gets the distributed recorder
+            from .distributed import recorder_class
+            cls = recorder_class(process_group)
+        return super().__new__(cls)
+
+    def _more_attrs(self) -> dict:
+        """Further run attributes of a subclass (the sharding of an FSDP2 run)."""
+        return {}
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        """The tensors recorded: the unwrapped module's state_dict (see :func:`amnesiac.loops.recorded_state`)."""
+        return recorded_state(self._module)
+
+    def _drop_pending(self) -> None:
+        """The step the declared samples were for was skipped (a GradScaler found inf/NaN): they trained nothing."""
+        self._ids, self._labels = [], []
 
     # ------------------------------------------------------------ resuming
     def _resume(self, checkpoint) -> torch.Tensor | None:
         """Load the checkpoint (if any), check the model is at a committed step, cut the run back to it."""
         store = self.store
         try:
-            store.layout.check(self.model.state_dict())
+            store.layout.check(self._state())
         except LayoutMismatchError as e:
             raise ModelMismatchError(f"cannot resume {store.path}: {e}") from None
         residual = None
-        if checkpoint is not None:
-            info = load_checkpoint(checkpoint, self.model, self.optimizer, _for_store=store)
+        if isinstance(checkpoint, dict):  # a position(): the trainer restored the model and optimizer itself
+            _check_position(checkpoint, store)
+            step, residual, self.epoch = checkpoint["step"], checkpoint.get("residual"), checkpoint["epoch"]
+        elif checkpoint is not None:
+            info = load_checkpoint(checkpoint, self._module, self.optimizer, for_store=store)
             step, residual, self.epoch = info["step"], info.get("residual"), info["epoch"]
         else:
             if store.codec.lossy:
@@ -152,7 +174,7 @@ class Recorder:
                                   "residual is kept only in checkpoints: resume with checkpoint=<a file written "
                                   "by Recorder.checkpoint>")
             step = store.num_steps
-        _check_state_at(store, self.model.state_dict(), step, residual)
+        _check_state_at(store, self._state(), step, residual)
         store.truncate(step)
         return residual
 
@@ -163,26 +185,37 @@ class Recorder:
         (tensors) with JSON metadata; no pickle. Pass it to ``Recorder(..., resume=True, checkpoint=path)`` after
         a crash. Returns the step number the checkpoint was taken at (the number of committed steps).
         """
+        store = self._settle("checkpoints")
+        step = store.num_steps
+        save_checkpoint(path, self._module, self.optimizer, step=step, epoch=self.epoch, store=store,
+                        residual=self._encoder.residual, durable=store.meta["durable"])
+        return step
+
+    def _settle(self, what: str) -> DeltaStore:
+        """Between steps only: record any trailing change and wait until every step so far is committed."""
         if self._closed:
             raise RecorderError("the Recorder is closed")
         if self._ids or self._labels:
-            raise RecorderError("take checkpoints between steps: add_batch was called for a step not taken yet")
+            raise RecorderError(f"take {what} between steps: add_batch was called for a step not taken yet")
         self._record_trailing_change()
         self._writer.flush()
-        store = self.store
-        step, log_bytes = store.num_steps, store.commit_record["log_bytes"]
-        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
-        optim = _optimizer_to_tensors(self.optimizer, tensors)
-        residual = self._stream.residual(self.model.state_dict())
-        if residual is not None:
-            tensors["recorder/residual"] = residual
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-        head = {"format": CHECKPOINT_FORMAT, "run_uid": store.uid, "step": step, "log_bytes": log_bytes,
-                "log_tail_crc32c": _log_tail_crc(store, log_bytes), "epoch": int(self.epoch), "optimizer": optim,
-                "tensor_crc32c": {k: crc32c(_raw_bytes(v)) for k, v in tensors.items()}}
-        data = safetensors.torch.save(tensors, metadata={"amnesiac_checkpoint": json.dumps(head)})
-        atomic_write_bytes(Path(path), data, durable=store.meta["durable"])
-        return step
+        return self.store
+
+    def position(self) -> dict:
+        """The recording position at the current (committed) step, for a trainer's own checkpoint.
+
+        Trainers (Lightning, the Hugging Face Trainer) save the model and optimizer themselves; this is what the
+        Recorder adds: ``{"run_uid", "step", "log_bytes", "log_tail_crc32c", "epoch"}`` (JSON) and ``"residual"``
+        (a lossy codec's error-feedback residual, a CPU tensor, or None). After the trainer restored the model and
+        optimizer saved with it, ``Recorder(model, optimizer, run_dir, resume=True, checkpoint=position)`` continues
+        the run from there. Waits until every step so far is committed.
+        """
+        store = self._settle("the position")
+        log_bytes = store.commit_record["log_bytes"]
+        residual = self._encoder.residual
+        return {"run_uid": store.uid, "step": store.num_steps, "log_bytes": log_bytes,
+                "log_tail_crc32c": log_tail_crc32c(store, log_bytes), "epoch": int(self.epoch),
+                "residual": None if residual is None else residual.detach().cpu().clone()}
 
     load_checkpoint = staticmethod(lambda path, model, optimizer: load_checkpoint(path, model, optimizer))
 
@@ -192,14 +225,12 @@ class Recorder:
 
     @property
     def steps_submitted(self) -> int:
-        return self._writer._next_step
+        return self._writer.next_step
 
     def add_batch(self, ids, labels=None) -> None:
         """Declare the samples (by integer id; labels optional) that the coming optimizer step trains on.
 
-        May be called several times per step (gradient accumulation); the ids add up until the step. Pass ids
-        and labels as lists, numpy arrays or CPU tensors: a CUDA tensor is copied to the host here, which waits for
-        the GPU to finish the work queued so far (a DataLoader's ids are on the CPU anyway).
+        May be called several times per step (gradient accumulation); the ids add up until the step.
         """
         if self._closed:
             raise RecorderError("the Recorder is closed")
@@ -216,14 +247,21 @@ class Recorder:
         if labels is not None:
             self._labels.append(labels)
 
-    def _on_step(self, optimizer, args, kwargs) -> None:
-        self._record_step()
-
     def _record_step(self) -> None:
         """Record ``S_now - S_prev`` as the next step, with the ids declared since the previous one."""
+        state = self._state()
+        check_dtypes(state, self._dtypes, self.steps_submitted)
+        self._writer.wait_copy_done()  # the delta buffer is still being copied out for the previous step
+        with torch.no_grad():
+            for e in self.layout.entries:
+                now = state[e.name].reshape(-1)
+                prev = self._prev[e.offset:e.offset + e.numel]
+                torch.sub(now, prev, out=self._delta[e.offset:e.offset + e.numel])
+                prev.copy_(now)
+            streams, side = self._encoder.encode(self._delta)
         metadata = self._step_metadata()
         self._ids, self._labels = [], []
-        self._stream.record(self.model.state_dict(), metadata)
+        self._writer.submit(streams, side, metadata)
 
     def _step_metadata(self) -> dict[str, np.ndarray]:
         metadata = {"ids": np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64),
@@ -238,11 +276,20 @@ class Recorder:
         and both unlearning plans keep agreeing. Ids declared for a step that never came are not recorded."""
         if self._writer.failed:
             return
-        state = self.model.state_dict()
-        if not self._stream.changed(state):
-            return
+        state = self._state()
+        check_dtypes(state, self._dtypes, self.steps_submitted)
+        now = self.layout.flatten(state, out=torch.empty_like(self._prev))
+        if not torch.equal(now, self._prev):
+            self._submit_change(now)
+
+    def _submit_change(self, now: torch.Tensor) -> None:
+        """Record ``now - S_prev`` (flat) as a step without samples."""
         self._ids, self._labels = [], []
-        self._stream.record(state, self._step_metadata())
+        self._writer.wait_copy_done()
+        with torch.no_grad():
+            streams, side = self._encoder.encode(torch.sub(now, self._prev, out=self._delta))
+        self._prev.copy_(now)
+        self._writer.submit(streams, side, self._step_metadata())
 
     def flush(self) -> None:
         """Wait until every recorded step is committed; raises a background write error, if any."""
@@ -257,9 +304,9 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        self._hook.remove()
+        self._trigger.remove()
         try:
-            already_told = self._writer.failed and getattr(self._writer, "_error_raised", True)
+            already_told = self._writer.failed and self._writer.error_reported
             if finalize and not self._writer.failed:
                 try:
                     self._record_trailing_change()  # written by the writer's close below
@@ -278,7 +325,8 @@ class Recorder:
                                     f"stays incomplete with its {self.store.num_steps} committed steps, which "
                                     "remain usable. Resume it from a checkpoint to record the rest.")
             if finalize:
-                self._stream.finalize(self.model.state_dict())
+                residual = self._encoder.residual
+                self.store.finalize(self._state(), residual)
         finally:
             self.store.close()
 
@@ -289,7 +337,7 @@ class Recorder:
         self.close(finalize=exc_type is None)
 
 
-# ---------------------------------------------------------------- checkpoints and resuming
+# ---------------------------------------------------------------- resuming
 def _open_for_resume(run_dir) -> DeltaStore:
     try:
         return DeltaStore.open(run_dir, writable=True)
@@ -300,148 +348,28 @@ def _open_for_resume(run_dir) -> DeltaStore:
                             "Record into a new directory.") from None
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def _log_tail_crc(store: DeltaStore, log_bytes: int) -> int:
-    lo = max(0, log_bytes - _LOG_TAIL)
-    try:
-        with open(store.path / "steps.log", "rb") as f:
-            f.seek(lo)
-            return crc32c(f.read(log_bytes - lo))
-    except FileNotFoundError:
-        return crc32c(b"")
-
-
-def _jsonable(value, where: str):
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, where) for v in value]
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _jsonable(v, where) for k, v in value.items()}
-    raise RecorderError(f"cannot checkpoint the optimizer: {where} holds a {type(value).__name__}, which is "
-                        "neither a tensor nor plain JSON (checkpoints never pickle)")
-
-
-def _optimizer_to_tensors(optimizer: torch.optim.Optimizer, tensors: dict) -> dict:
-    """Split the optimizer's state_dict into tensors (added to ``tensors``) and a JSON description."""
-    def split(entry: dict, prefix: str, where: str) -> dict:
-        out = {}
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}/{key}"] = value
-                out[key] = {"tensor": f"{prefix}/{key}"}
-            else:
-                out[key] = {"value": _jsonable(value, f"{where}[{key!r}]")}
-        return out
-
-    sd = optimizer.state_dict()
-    return {"state": {str(pid): split(entry, f"optim/{pid}", f"state[{pid}]") for pid, entry in sd["state"].items()},
-            "param_groups": [split(group, f"optim_group/{i}", f"param_groups[{i}]")
-                             for i, group in enumerate(sd["param_groups"])]}
-
-
-def _like(value, template):
-    """JSON gives lists where the optimizer had tuples (Adam's betas): give them back their type."""
-    if isinstance(template, tuple) and isinstance(value, list):
-        return tuple(value)
-    return value
-
-
-def _optimizer_from_tensors(optimizer: torch.optim.Optimizer, desc: dict, tensors: dict) -> None:
-    def unpack(item):
-        if not isinstance(item, dict) or len(item) != 1:
-            raise ResumeError("the checkpoint's optimizer description is malformed")
-        if "tensor" in item:
-            try:
-                return tensors[item["tensor"]]
-            except (KeyError, TypeError):
-                raise ResumeError("the checkpoint lacks an optimizer tensor it names") from None
-        return item.get("value")
-
-    current = optimizer.state_dict()
-    try:
-        state = {int(pid): {k: unpack(v) for k, v in entry.items()} for pid, entry in desc["state"].items()}
-        groups = []
-        for group, template in zip(desc["param_groups"], current["param_groups"], strict=True):
-            groups.append({k: _like(unpack(v), template.get(k)) for k, v in group.items()})
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except ResumeError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise ResumeError(f"the checkpoint's optimizer state does not fit this optimizer: {e}") from None
-
-
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                    _for_store: DeltaStore | None = None) -> dict:
-    """Load a checkpoint written by :meth:`Recorder.checkpoint` into ``model`` (and ``optimizer``).
-
-    Returns ``{"step", "epoch", "run_uid", "residual"}``. Every tensor is checked against its crc32c first; the
-    file is safetensors with JSON metadata, so loading it runs no code.
-    """
-    path = Path(path)
-    try:
-        data = read_regular_file(path, "checkpoint", max_bytes=MAX_CHECKPOINT_BYTES)
-    except FileNotFoundError:
-        raise ResumeError(f"checkpoint {path} does not exist") from None
-    except ValueError as e:
-        raise ResumeError(str(e)) from None
-    try:
-        header_len = int.from_bytes(data[:8], "little")
-        if len(data) < 8 or header_len > min(len(data) - 8, 100_000_000):
-            raise ValueError("malformed header")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
-        head = json.loads(meta["amnesiac_checkpoint"])
-        tensors = safetensors_from_bytes(data)
-        ok = (isinstance(head, dict) and head.get("format") == CHECKPOINT_FORMAT
-              and all(isinstance(head.get(k), int) for k in ("step", "log_bytes", "log_tail_crc32c", "epoch"))
-              and isinstance(head.get("tensor_crc32c"), dict) and isinstance(head.get("optimizer"), dict))
-    except Exception as e:  # noqa: BLE001 - any malformation is one clear error
-        raise ResumeError(f"{path} is not a checkpoint written by Recorder.checkpoint ({type(e).__name__}: {e})") \
-            from None
-    if not ok:
-        raise ResumeError(f"{path} is not a checkpoint written by Recorder.checkpoint (or of an unknown version)")
-    if set(head["tensor_crc32c"]) != set(tensors) or any(crc32c(_raw_bytes(t)) != head["tensor_crc32c"][k]
-                                                         for k, t in tensors.items()):
-        raise ResumeError(f"checkpoint {path} fails its crc32c checksums: the file was changed or damaged")
-    store = _for_store
-    if store is not None:
-        if head.get("run_uid") != store.uid:
-            raise ResumeError(f"checkpoint {path} belongs to another run than {store.path}")
-        if head["step"] > store.num_steps:
-            raise ResumeError(f"checkpoint {path} was taken at step {head['step']}, but {store.path} has only "
-                              f"{store.num_steps} committed steps: it comes from a history that was since cut "
-                              "back. Resume from a checkpoint taken at or before the last committed step.")
-        if (store.commit_record["log_bytes"] < head["log_bytes"]
-                or _log_tail_crc(store, head["log_bytes"]) != head["log_tail_crc32c"]):
-            raise ResumeError(f"checkpoint {path} does not match the steps {store.path} committed before it (a "
-                              "checkpoint from another history of this run)")
-    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    try:
-        model.load_state_dict(model_state)
-    except RuntimeError as e:
-        raise ModelMismatchError(f"checkpoint {path} does not fit the model: {str(e)[:500]}") from None
-    if optimizer is not None:
-        _optimizer_from_tensors(optimizer, head["optimizer"], tensors)
-    return {"step": head["step"], "epoch": head["epoch"], "run_uid": head.get("run_uid"),
-            "residual": tensors.get("recorder/residual")}
+def _check_position(position: dict, store: DeltaStore) -> None:
+    """A position from :meth:`Recorder.position` must belong to this run and to the history it holds now."""
+    ints = ("step", "log_bytes", "log_tail_crc32c", "epoch")
+    if not all(type(position.get(k)) is int for k in ints) or not isinstance(position.get("residual"),
+                                                                               (torch.Tensor, type(None))):
+        raise ResumeError("checkpoint= must be a checkpoint file or a dict returned by Recorder.position()")
+    if position.get("run_uid") != store.uid:
+        raise ResumeError(f"the recording position belongs to another run than {store.path}")
+    if position["step"] > store.num_steps or store.commit_record["log_bytes"] < position["log_bytes"] \
+            or log_tail_crc32c(store, position["log_bytes"]) != position["log_tail_crc32c"]:
+        raise ResumeError(f"the recording position (step {position['step']}) does not match the steps {store.path} "
+                          "committed (a position from another history of this run, cut back since)")
 
 
 def _check_state_at(store: DeltaStore, state: dict, step: int, residual: torch.Tensor | None) -> None:
     """Raise :class:`ResumeError` unless ``state`` is theta_0 + the first ``step`` deltas (+ residual)."""
     now = store.layout.flatten({k: v.detach().float().cpu() for k, v in state.items() if k in store.layout.names},
                                out=torch.empty(store.layout.numel))
-    start = store.read_snapshot_flat("start")
-    rebuilt = start + store.sum_steps(range(step)) if step else start.clone()
-    if residual is not None:
-        rebuilt += residual.float().cpu().reshape(-1)
-    moved = (now - start).norm().item()
-    error = (now - rebuilt).norm().item()
-    if not error <= RESUME_TOLERANCE * moved + 1e-7 * now.norm().item():
+    check = check_state_at(store, now, step, residual)
+    if not check.ok:
         raise ResumeError(f"the model is not at committed step {step} of {store.path}: it differs from theta_0 plus "
-                          f"the first {step} recorded deltas by {error:.3g} (it moved {moved:.3g} from theta_0). "
-                          "Load the checkpoint taken at that step (Recorder(..., resume=True, checkpoint=PATH)), or "
-                          "the state open_run(run_dir).final_state() for an exact run. Nothing was changed.")
+                          f"the first {step} recorded deltas by {check.error:.3g} (it moved {check.moved:.3g} from "
+                          "theta_0). Load the checkpoint taken at that step (Recorder(..., resume=True, "
+                          "checkpoint=PATH)), or the state open_run(run_dir).final_state() for an exact run. Nothing "
+                          "was changed.")

@@ -31,22 +31,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltastore import DeltaStore, DeltaStoreError, LayoutMismatchError, StoreNotFoundError
-from deltastore.reduce import ReduceResult, plan_unlearning, run_plan
+from deltastore import (PROGRAMMING_ERRORS, DeltaStore, DeltaStoreError, LayoutMismatchError, ReduceResult,
+                        StepSelectionError, StoreNotFoundError, plan_unlearning, resolve_device, run_plan)
 
 from .errors import AmnesiacError, ModelMismatchError, RunDamagedError, RunNotFoundError, SelectionError
+from .selection import Selection
 
-_STRAY = (ValueError, IndexError, KeyError, RuntimeError, struct.error, OSError, OverflowError, AttributeError)
+# what malformed bytes can make the parsers below raise; programming errors (deltastore.PROGRAMMING_ERRORS:
+# AttributeError, TypeError...) are bugs, not damage, and reach the caller as they are
+_STRAY = (ValueError, IndexError, KeyError, RuntimeError, struct.error, OSError, OverflowError)
 
 
 @contextlib.contextmanager
 def _damage_is_reported(path):
     """Whatever a damaged or crafted run directory makes the layers below raise reaches the caller as one of our
-    errors: :class:`DeltaStoreError` / :class:`AmnesiacError` pass through, anything else becomes
-    :class:`RunDamagedError` (out-of-memory and interrupts excepted)."""
+    errors: :class:`DeltaStoreError` / :class:`AmnesiacError` pass through, what malformed bytes make the parsers
+    below raise becomes :class:`RunDamagedError`; out-of-memory, interrupts and programming errors pass unchanged."""
     try:
         yield
-    except (DeltaStoreError, AmnesiacError, torch.OutOfMemoryError):
+    except (DeltaStoreError, AmnesiacError, torch.OutOfMemoryError, *PROGRAMMING_ERRORS):
         raise
     except _STRAY as e:
         raise RunDamagedError(f"{path} is damaged or malformed ({type(e).__name__}: {str(e)[:300]}); run "
@@ -84,6 +87,9 @@ class UnlearnReport:
 
 def open_run(path: str | Path) -> Run:
     """Open a recorded run for reading (also an incomplete one left by a crash: see :attr:`Run.complete`)."""
+    from .sharded import is_sharded_run, open_sharded_run
+    if is_sharded_run(path):  # recorded under FSDP2: one store per rank (amnesiac.sharded)
+        return open_sharded_run(path)
     try:
         with _damage_is_reported(path):
             return Run(DeltaStore.open(path))
@@ -151,16 +157,21 @@ class Run:
     @_reading
     def steps_for(self, *, sample_ids=None, classes=None) -> np.ndarray:
         """Sorted int64 steps whose batches held any of ``sample_ids`` (or any sample of ``classes``)."""
-        chosen = [name for name, v in (("sample_ids", sample_ids), ("classes", classes)) if v is not None]
-        if len(chosen) != 1:
-            raise SelectionError("pass exactly one of sample_ids=... or classes=..." if not chosen else
-                                 f"pass only one selection, not {' and '.join(chosen)}")
+        return self._steps_of(Selection.of(sample_ids=sample_ids, classes=classes, kinds=("sample_ids", "classes")))
+
+    def _steps_of(self, selection: Selection) -> np.ndarray:
+        """The sorted steps ``selection`` undoes (checked: known ids, recorded classes, committed steps)."""
+        wanted = selection.values
+        if selection.kind == "steps":
+            try:
+                return self.store.check_steps(wanted)
+            except StepSelectionError as e:  # its message names the committed range
+                raise SelectionError(str(e)) from None
         fields = self._fields()
         if "ids" not in fields:
             return np.zeros(0, np.int64)
         ids = fields["ids"]
-        if sample_ids is not None:
-            wanted = _int_array(sample_ids, "sample ids")
+        if selection.kind == "sample_ids":
             known = np.isin(wanted, ids.values)
             if not known.all():
                 missing = wanted[~known]
@@ -172,7 +183,6 @@ class Run:
             if "labels" not in fields:
                 raise SelectionError("this run recorded no labels, so it cannot select by class; pass labels= "
                                      "to Recorder.add_batch when recording, or select by sample_ids")
-            wanted = _int_array(classes, "classes")
             if not np.array_equal(fields["labels"].offsets, ids.offsets):
                 raise SelectionError("labels were recorded for only some steps of this run, so it cannot select "
                                      "by class; select by sample_ids")
@@ -184,25 +194,14 @@ class Run:
             hits = np.isin(labels, wanted)
         return np.unique(ids.step_of_each_value()[hits])
 
-    def _selected_steps(self, sample_ids, classes, steps) -> np.ndarray:
-        given = [n for n, v in (("sample_ids", sample_ids), ("classes", classes), ("steps", steps)) if v is not None]
-        if len(given) != 1:
-            raise SelectionError("unlearn needs exactly one of sample_ids=, classes= or steps=" if not given else
-                                 f"unlearn takes one selection, got {' and '.join(given)}")
-        if steps is not None:
-            try:
-                return self.store.check_steps(_int_array(steps, "steps"))
-            except IndexError as e:
-                raise SelectionError(str(e)) from None
-        return self.steps_for(sample_ids=sample_ids, classes=classes)
-
     @_reading
     def unlearn_report(self, *, sample_ids=None, classes=None, steps=None, device: str | torch.device = "cpu",
                        progress: bool = False, **reduce_options) -> UnlearnReport:
         """Like :meth:`unlearn`, with the bookkeeping: steps undone, plan, bytes read, seconds."""
-        undo = self._selected_steps(sample_ids, classes, steps)
+        device = resolve_device(device)  # DeviceUnavailableError before anything is read: not a damaged run
+        undo = self._steps_of(Selection.of(sample_ids=sample_ids, classes=classes, steps=steps))
         store = self.store
-        result: ReduceResult = run_plan(store, plan_unlearning(store, undo), device=torch.device(device),
+        result: ReduceResult = run_plan(store, plan_unlearning(store, undo), device=device,
                                         progress=progress, **reduce_options)
         floating = store.layout.unflatten(result.total)
         base = store.read_snapshot("final" if store.complete else "start")
@@ -247,10 +246,3 @@ class Run:
             raise ModelMismatchError(f"the weights do not fit the model: {str(e)[:500]}") from None
         return model
 
-
-def _int_array(values, what: str) -> np.ndarray:
-    arr = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    arr = arr.reshape(-1)
-    if arr.size and arr.dtype.kind not in "iu":
-        raise SelectionError(f"{what} must be integers, got {arr.dtype}")
-    return arr.astype(np.int64)

@@ -2,6 +2,8 @@
 
 See :class:`deltastore.DeltaStore` for the format and call order, :mod:`deltastore.codecs` for the codecs,
 :mod:`deltastore.reduce` for the reduce core and :mod:`deltastore.writer` for the asynchronous write pipeline.
+Everything a user of the store (``amnesiac`` included) may rely on is listed in ``__all__``; the submodules are the
+implementation.
 """
 
 from .codecs import CODEC_NAMES, Codec, Encoder, StreamSpec, parse_codec, register_codec
@@ -9,13 +11,29 @@ from .devices import resolve_device
 from .errors import (PROGRAMMING_ERRORS, CorruptionError, DeltaStoreError, DeviceUnavailableError, FormatError,
                      InvalidArgumentError, LayoutMismatchError, ReadOnlyError, StepSelectionError, StoreExistsError,
                      StoreLockedError, StoreNotFoundError, UnknownCodecError, WriterError)
+from .fileio import (MAX_SAFETENSORS_HEADER, atomic_write_bytes, crc32c, parse_safetensors, read_safetensors_file,
+                     tensor_crc32c)
 from .layout import TensorLayout
+from .reduce import ReduceResult, UnlearnPlan, plan_unlearning, run_plan
+from .steplog import RaggedField, log_tail_crc32c
 from .store import DeltaStore
+from .verify import Reconstruction, check_state_at, reconstruction, verify_store
 from .streaming import DEFAULT_PIECE_ELEMS, StepStreamer
+from .writer import DEFAULT_BUFFER_BYTES, AsyncStepWriter
 
-__all__ = ["CODEC_NAMES", "DEFAULT_PIECE_ELEMS", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError",
-           "DeviceUnavailableError", "FormatError", "InvalidArgumentError", "LayoutMismatchError", "PROGRAMMING_ERRORS",
-           "ReadOnlyError", "StepSelectionError", "StepStreamer", "StoreExistsError", "StoreLockedError",
-           "StoreNotFoundError", "TensorLayout", "UnknownCodecError", "WriterError", "parse_codec", "resolve_device",
-           "Encoder", "StreamSpec", "register_codec"]
+__all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "DeviceUnavailableError",
+           "FormatError", "InvalidArgumentError", "LayoutMismatchError", "PROGRAMMING_ERRORS", "ReadOnlyError",
+           "StepSelectionError", "StoreExistsError", "StoreLockedError", "StoreNotFoundError", "TensorLayout",
+           "UnknownCodecError", "WriterError", "parse_codec", "resolve_device",
+           # codecs: one class per codec, registered by name
+           "Encoder", "StreamSpec", "register_codec",
+           # reading and writing files the way the store does (amnesiac's checkpoints use them)
+           "MAX_SAFETENSORS_HEADER", "atomic_write_bytes", "crc32c", "parse_safetensors", "read_safetensors_file",
+           "tensor_crc32c", "log_tail_crc32c", "RaggedField",
+           # unlearning: planning and the streaming reduce
+           "ReduceResult", "UnlearnPlan", "plan_unlearning", "run_plan",
+           # recording: the asynchronous write pipeline
+           "AsyncStepWriter", "DEFAULT_BUFFER_BYTES",
+           # verification: the one reconstruction check (verify and resume)
+           "Reconstruction", "check_state_at", "reconstruction", "verify_store"]
 __version__ = "0.1.0"

@@ -15,13 +15,17 @@ import threading
 from pathlib import Path
 
 from crc32c import crc32c
+from safetensors.torch import load as safetensors_from_bytes  # never pickle: plain tensors only
+import torch
 
 from .errors import CorruptionError, FormatError
 
 MAX_JSON_BYTES = 64 << 20  # a store's JSON files are small; a crafted huge one is refused before it is parsed
+MAX_SAFETENSORS_HEADER = 100_000_000  # what the safetensors library itself accepts
 
 __all__ = ["crc32c", "atomic_writer", "atomic_write_bytes", "atomic_write_json", "read_json", "read_regular_file", "read_upto",
-           "fsync_path", "fsync_dir", "json_crc32c", "check_tree"]
+           "fsync_path", "fsync_dir", "json_crc32c", "check_tree", "MAX_SAFETENSORS_HEADER", "tensor_crc32c",
+           "read_safetensors_file", "parse_safetensors"]
 
 
 def fsync_path(path: Path) -> None:
@@ -147,6 +151,62 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(obj, dict):
         raise FormatError(f"{what} ({path}) must hold a JSON object")
     return obj
+
+
+def tensor_crc32c(tensor: torch.Tensor) -> int:
+    """crc32c of a tensor's raw bytes (C order, native byte order), whatever its dtype or device.
+
+    Example:
+        >>> tensor_crc32c(torch.zeros(0)) == crc32c(b"") and tensor_crc32c(torch.ones(2)) == tensor_crc32c(torch.ones(2))
+        True
+    """
+    t = tensor.detach().cpu().contiguous()
+    return crc32c(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def parse_safetensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors file's bytes; runs no code (no pickle).
+
+    The header length is bounded by :data:`MAX_SAFETENSORS_HEADER` and the file's size before anything is parsed;
+    any malformation becomes :class:`FormatError` naming ``what``.
+
+    Example:
+        >>> from safetensors.torch import save
+        >>> tensors, meta = parse_safetensors(save({"w": torch.ones(2)}, metadata={"k": "v"}), "example")
+        >>> tensors["w"].tolist(), meta
+        ([1.0, 1.0], {'k': 'v'})
+        >>> parse_safetensors((1 << 40).to_bytes(8, "little") + b"{}", "example")
+        Traceback (most recent call last):
+        ...
+        deltastore.errors.FormatError: example has a malformed safetensors header
+    """
+    if len(data) < 8 or int.from_bytes(data[:8], "little") > min(len(data) - 8, MAX_SAFETENSORS_HEADER):
+        raise FormatError(f"{what} has a malformed safetensors header")
+    header_len = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + header_len])
+        meta = (header.get("__metadata__") or {}) if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("the metadata is not a map of strings")
+        tensors = safetensors_from_bytes(data)
+    except Exception as e:  # noqa: BLE001 - a crc-valid but malformed file: only possible if crafted
+        raise FormatError(f"{what} is not a valid safetensors file: {type(e).__name__}: {e}") from None
+    return tensors, meta
+
+
+def read_safetensors_file(path: Path, what: str, *, max_bytes: int, expected_size: int | None = None,
+                          expected_crc32c: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`read_regular_file`, the file's crc32c when one is expected, then :func:`parse_safetensors`: a
+    size-bounded, checksummed, pickle-free safetensors read.
+
+    Raises FileNotFoundError when absent, :class:`CorruptionError` when the size or crc32c differ from the expected
+    ones, :class:`FormatError` when it is not a plain, bounded, valid safetensors file.
+    """
+    path = Path(path)
+    data = read_regular_file(path, what, max_bytes=max_bytes, expected_size=expected_size)
+    if expected_crc32c is not None and crc32c(data) != expected_crc32c:
+        raise CorruptionError(f"{what} ({path}) fails its crc32c checksum: the file was changed or damaged")
+    return parse_safetensors(data, f"{what} ({path})")
 
 
 def check_tree(root: Path, *, max_entries: int = 50_000_000) -> None:

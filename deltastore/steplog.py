@@ -36,6 +36,8 @@ _DTYPES = {1: np.dtype("<i8"), 2: np.dtype("<f4"), 3: np.dtype("<i4"), 4: np.dty
 _CODES = {v: k for k, v in _DTYPES.items()}
 MAX_RECORD_BYTES = 256 << 20
 MAX_FIELDS = 64
+LOG_NAME = "steps.log"  # the step log's file name inside a store directory
+LOG_TAIL_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,39 @@ def read_step_log(path: Path, *, committed_bytes: int, num_steps: int) -> dict[s
         np.cumsum(counts, out=offsets[1:])
         table[name] = RaggedField(np.frombuffer(b"".join(parts), dtype).copy(), offsets)
     return table
+
+
+def log_tail_crc32c(store, log_bytes: int | None = None, *, tail: int = LOG_TAIL_BYTES) -> int:
+    """crc32c of the last ``tail`` bytes of ``store``'s step log before offset ``log_bytes`` (default: the committed
+    length): a cheap fingerprint of the history up to a step, so that a file taken at that step (a checkpoint) can
+    tell whether the store still holds the same history. A missing log counts as empty.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from deltastore import DeltaStore
+        >>> store = DeltaStore.create(tempfile.mkdtemp() + "/s", {"w": torch.zeros(2)}, durable=False)
+        >>> empty = log_tail_crc32c(store)
+        >>> _ = store.append_delta(torch.ones(2))
+        >>> log_tail_crc32c(store) != empty, log_tail_crc32c(store, 0) == empty
+        (True, True)
+    """
+    end = store.commit_record["log_bytes"] if log_bytes is None else int(log_bytes)
+    lo = max(0, end - tail)
+    path = Path(store.path) / LOG_NAME
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return crc32c(b"")
+    except OSError as e:
+        raise FormatError(f"the step log {path} cannot be opened as a plain file: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(f"the step log {path} is not a regular file")
+        os.lseek(fd, lo, os.SEEK_SET)
+        return crc32c(read_upto(fd, end - lo))
+    finally:
+        os.close(fd)
 
 
 class StepLogWriter:

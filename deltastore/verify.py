@@ -19,13 +19,74 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .errors import PROGRAMMING_ERRORS, CorruptionError, DeltaStoreError
 from .reduce import reduce_steps
 
 FP32_TOLERANCE = 1e-4  # float32 summation of many steps, relative to how far the run moved
+ROUNDING_SLACK = 1e-7  # float32 rounding of theta_0 + sum itself, relative to the state's norm (a run that barely moved)
 MAX_FAULTS_PER_STEP = 8
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """How far ``theta_0 + sum of deltas (+ residual)`` lands from a target state: the one check shared by
+    :func:`verify_store` (target: the final state) and resuming a recording (target: the model's state).
+
+    ``error`` is the L2 distance, ``moved`` how far the target is from theta_0, ``scale`` the target's norm.
+    """
+
+    error: float
+    moved: float
+    scale: float
+
+    @property
+    def relative_error(self) -> float:
+        """``error`` relative to how far the run moved (1.0 stands in for a run that did not move)."""
+        return self.error / (self.moved or 1.0)
+
+    @property
+    def ok(self) -> bool:
+        """Within float32 summation error: :data:`FP32_TOLERANCE` of the distance moved, plus rounding."""
+        return self.error <= FP32_TOLERANCE * self.moved + ROUNDING_SLACK * self.scale
+
+
+def reconstruction(start: torch.Tensor, total: torch.Tensor, target: torch.Tensor,
+                   residual: torch.Tensor | None = None) -> Reconstruction:
+    """Compare ``start + total (+ residual)`` with ``target`` (flat float32 vectors on one device).
+
+    Example:
+        >>> r = reconstruction(torch.zeros(2), torch.ones(2), torch.ones(2))
+        >>> r.ok, r.error, round(r.moved, 4)
+        (True, 0.0, 1.4142)
+        >>> reconstruction(torch.zeros(2), torch.ones(2), torch.full((2,), 1.1)).ok
+        False
+    """
+    rebuilt = start + total
+    if residual is not None:
+        rebuilt += residual.to(rebuilt)
+    return Reconstruction((target - rebuilt).norm().item(), (target - start).norm().item(), target.norm().item())
+
+
+def check_state_at(store, target: torch.Tensor, steps: int, residual: torch.Tensor | None = None) -> Reconstruction:
+    """:func:`reconstruction` of the flat ``target`` against theta_0 plus the first ``steps`` committed deltas
+    (plus ``residual``), reading those steps once on the CPU.
+
+    Example:
+        >>> import tempfile
+        >>> from deltastore import DeltaStore
+        >>> store = DeltaStore.create(tempfile.mkdtemp() + "/s", {"w": torch.zeros(2)}, durable=False)
+        >>> _ = store.append_delta(torch.ones(2)); _ = store.append_delta(torch.ones(2))
+        >>> check_state_at(store, torch.ones(2), 1).ok, check_state_at(store, torch.ones(2), 2).ok
+        (True, False)
+    """
+    start = store.read_snapshot_flat("start")
+    total = store.sum_steps(range(steps)) if steps else torch.zeros_like(start)
+    return reconstruction(start, total, target.detach().float().cpu().reshape(-1),
+                          None if residual is None else residual.detach().float().cpu().reshape(-1))
 
 
 def _describe(e: Exception, step: int | None = None) -> str:
@@ -95,15 +156,12 @@ def verify_store(store, *, progress: bool = False) -> dict:
         final = attempt("final state", lambda: store.read_snapshot_flat("final"))
         residual = attempt("residual", lambda: store.read_snapshot_flat("residual")) if store.codec.lossy else None
         if final is not None and not faults:
-            moved = (final - start).norm().item() or 1.0
-            rebuilt = start + total
-            measured = (rebuilt - final).norm().item() / moved
+            measured = reconstruction(start, total, final).relative_error
             report["measured_codec_error"] = measured
-            if residual is not None:
-                rebuilt += residual
-            error = (rebuilt - final).norm().item() / moved
+            check = reconstruction(start, total, final, residual)
+            error = check.relative_error
             report["reconstruction_error"], report["tolerance"] = error, FP32_TOLERANCE
-            if not error <= FP32_TOLERANCE:
+            if not check.ok:
                 faults.append(f"theta_0 + sum of deltas{' + residual' if residual is not None else ''} differs "
                               f"from theta_final by {error:.3g} (relative), more than {FP32_TOLERANCE:g}: steps are "
                               "missing or altered")

@@ -1,13 +1,28 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+# 10,000 real MNIST digits (arrays images, labels). Found in $AMNESIAC_DATA, else in the team's shared folder next to
+# the repository (../shared/data); a fresh clone has neither and the tests that need it say so when they skip.
+DATA_ENV = "AMNESIAC_DATA"
+MNIST10K_NAME = "mnist10k.npz"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MNIST10K = SHARED_DATA / "mnist10k.npz"
+
+
+def find_mnist10k() -> tuple[Path | None, str]:
+    """The mnist10k.npz file, or None and where it was looked for."""
+    places = ([Path(os.environ[DATA_ENV]).expanduser()] if os.environ.get(DATA_ENV) else []) + [SHARED_DATA]
+    for folder in places:
+        if (folder / MNIST10K_NAME).is_file():
+            return folder / MNIST10K_NAME, ""
+    looked = " or ".join(str(p / MNIST10K_NAME) for p in places)
+    return None, (f"{MNIST10K_NAME} (10,000 real MNIST digits) is not in {looked}; set {DATA_ENV} to the folder "
+                  "that holds it to run this test")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -42,10 +57,12 @@ def bn_model():
 
 
 @pytest.fixture
-def mnist10k():
-    if not MNIST10K.is_file():
-        pytest.skip(f"{MNIST10K} is not present")
-    return MNIST10K
+def mnist10k() -> Path:
+    """The path of mnist10k.npz; the test skips, saying where it looked and how to supply it, when it is absent."""
+    path, why = find_mnist10k()
+    if path is None:
+        pytest.skip(why)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -3,18 +3,20 @@ allocates anything near the model's size, and the long-lived buffers are the bas
 
 ``benchmarks/memory.py`` measures the peak resident memory of real trainings (10-250 M parameters); this test
 guards the mechanism on a 1.5 M-parameter model: the torch profiler sees every tensor the training thread
-allocates while steps are recorded, tracemalloc every numpy array and bytes object of both threads.
+allocates while steps are recorded (through ``StepStreamer``, from an optimizer post-hook as the Recorder does), tracemalloc every numpy array and bytes object of both threads.
 """
 
 from __future__ import annotations
 
 import tracemalloc
 
+import numpy as np
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import amnesiac
+from deltastore import DeltaStore, StepStreamer
 
 PIECE, CHUNK = 1 << 16, 1 << 14  # 256 KiB of float32 per piece, 64 KiB per chunk
 
@@ -27,10 +29,10 @@ def test_no_step_allocates_a_model_sized_temporary(tmp_path, codec):
     numel = sum(p.numel() for p in model.parameters())
     full = 4 * numel
     x = torch.randn(4, 1000)
-    rec = amnesiac.Recorder(model, opt, tmp_path / "run", codec=codec, durable=False, chunk_elems=CHUNK,
-                            piece_elems=PIECE, max_buffer_bytes=8 * 4 * PIECE)
+    store = DeltaStore.create(tmp_path / "run", model.state_dict(), codec=codec, durable=False, chunk_elems=CHUNK)
+    rec = StepStreamer(store, model.state_dict(), device="cpu", piece_elems=PIECE, max_buffer_bytes=8 * 4 * PIECE)
+    opt.register_step_post_hook(lambda *_: rec.record(model.state_dict(), {"ids": np.array([0])}))
     for t in range(2):  # warm: the writer's pool and the encoder's first allocations
-        rec.add_batch([t])
         model(x).sum().backward()
         opt.step()
     rec.flush()
@@ -38,7 +40,6 @@ def test_no_step_allocates_a_model_sized_temporary(tmp_path, codec):
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             for t in range(2):
-                rec.add_batch([t])
                 model(x).sum().backward()
                 with torch.profiler.record_function("recorded_step"):
                     opt.step()  # the optimizer step and, in its post-hook, the recording of the step
@@ -52,11 +53,11 @@ def test_no_step_allocates_a_model_sized_temporary(tmp_path, codec):
     largest = max(e.self_cpu_memory_usage for e in in_steps)
     assert largest <= 4 * 4 * PIECE, f"a step allocated {largest} bytes at once (the model is {full})"
     assert python_peak < full / 4, f"numpy/bytes peaked at {python_peak} bytes (the model is {full})"
-    writer = rec._writer
+    writer = rec.writer
     assert writer.pieces_per_step >= numel // PIECE and writer.pool.total_bytes <= 8 * 4 * PIECE + 4096
     rec.close()
-    run = amnesiac.open_run(tmp_path / "run")
-    assert run.num_steps == 4 and run.complete
+    rec.finalize(model.state_dict())
+    assert store.num_steps == 4 and store.complete
 
 
 def _inside(event, name: str) -> bool:

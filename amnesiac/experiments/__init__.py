@@ -1,9 +1,13 @@
 """Experiments reproducing the paper and comparing amnesiac unlearning with its baselines (issue 5).
 
 Each experiment runs from one command, ``amnesiac experiment NAME [--config FILE] [--out DIR] [--smoke]``, with
-every hyper-parameter and seed in a config file (``configs/NAME.json`` by default, JSON or TOML), and writes
+every hyper-parameter and seed in a config file (by default the packaged ``amnesiac/configs/NAME.json``; JSON or
+TOML), and writes
 ``results.json``, ``report.md`` (Markdown tables, the paper's numbers beside ours where the setting matches) and PNG
 plots into ``DIR/NAME``. ``--smoke`` applies the config's ``smoke`` overrides: a tiny version that runs in seconds.
+Relative data paths in a config (``mnist10k.npz``) are found in ``--data-dir`` or the ``AMNESIAC_DATA`` folder (for a
+config file given with ``--config``, else next to that file); a setting whose data is not there is skipped and
+reported, so the experiments run from an installed wheel in any directory.
 
 ==========  ======================================================================  =========================
 name        what                                                                    runner
@@ -31,7 +35,7 @@ import torch
 
 from ..errors import AmnesiacError
 from . import report
-from .common import CONFIG_DIR, read_config, resolve_config, write_json
+from .common import read_config, resolve_config, write_json
 from .runners import batch_fraction, codecs, forget_class, forget_samples
 
 EXPERIMENTS = {
@@ -44,17 +48,16 @@ EXPERIMENTS = {
 
 
 def run_experiment(name: str, *, config: str | Path | None = None, out: str | Path = "runs/experiments",
-                   smoke: bool = False, keep_runs: bool = False, quiet: bool = False) -> dict:
+                   smoke: bool = False, keep_runs: bool = False, quiet: bool = False,
+                   data_dir: str | Path | None = None) -> dict:
     """Run experiment ``name`` and write its results, report and plots into ``out/name``; returns the results
-    (with ``report`` and ``out`` added)."""
+    (with ``report`` and ``out`` added). ``config`` is a file or a packaged config's name (default: ``name``);
+    ``data_dir`` the folder relative data paths are found in (default: ``$AMNESIAC_DATA``)."""
     if name not in EXPERIMENTS:
         raise AmnesiacError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
-    config_path = Path(config) if config else CONFIG_DIR / f"{name}.json"
-    raw = read_config(config_path)
-    # data paths in configs are relative to the repository root (the configs/ folder's parent)
-    base = config_path.resolve().parent.parent if config_path.resolve().parent.name == "configs" else \
-        config_path.resolve().parent
-    cfg = resolve_config(raw, base=base, smoke=smoke)
+    raw, config_file = read_config(config or name)
+    cfg = resolve_config(raw, base=config_file.resolve().parent if config_file else None, smoke=smoke,
+                         data_dir=data_dir)
     cfg.setdefault("name", name)
     out_dir = Path(out) / name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,13 +77,17 @@ def run_experiment(name: str, *, config: str | Path | None = None, out: str | Pa
         torch.set_num_threads(threads)
         if not keep_runs:
             shutil.rmtree(out_dir / "runs", ignore_errors=True)
-    try:
-        shown = config_path.resolve().relative_to(Path.cwd())
-    except ValueError:
-        shown = config_path
-    results.update(config=str(shown), smoke=smoke, seconds=time.perf_counter() - start, out=str(out_dir))
+    if config_file is None:
+        shown, option = f"{config or name} (packaged)", f" --config {config}" if config else ""
+    else:
+        try:
+            shown = str(config_file.resolve().relative_to(Path.cwd()))
+        except ValueError:
+            shown = str(config_file)
+        option = f" --config {shown}"
+    results.update(config=shown, smoke=smoke, seconds=time.perf_counter() - start, out=str(out_dir))
     text = reporter(results, out_dir)
-    text += (f"\n\nProduced by `amnesiac experiment {name} --config {shown}"
+    text += (f"\n\nProduced by `amnesiac experiment {name}{option}"
              f"{' --smoke' if smoke else ''}` in {results['seconds']:.0f} s.\n")
     (out_dir / "report.md").write_text(text)
     write_json(out_dir / "results.json", results)

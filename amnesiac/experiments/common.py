@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import json
 import shutil
 import time
@@ -11,16 +12,17 @@ from pathlib import Path
 import torch
 
 from ..baselines import METHODS, MethodResult, UnlearnTask, run_method
-from ..data import DataBundle, apply_reductions, load_dataset
+from ..data import DATA_ENV, DataBundle, apply_reductions, data_root, load_dataset
 from ..errors import AmnesiacError
 from ..evaluation import evaluate, fit_shadow_attack, json_ready, storage
 from ..models import build_model, model_spec
 from ..recorder import Recorder
 from ..run import Run, open_run
+from ..setting import TrainingSetting
 from ..training import make_optimizer, train
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs"
+CONFIG_PACKAGE = "amnesiac"  # the configs ship as package data: amnesiac/configs/NAME.json
+CONFIG_FOLDER = "configs"
 
 SETTING_DEFAULTS = {"dataset": "digits", "data_path": None, "data_dir": None, "download": False, "seed": 0,
                     "model": "mlp", "hidden": None, "epochs": 10, "batch_size": 64, "optimizer": "adam", "lr": 1e-3,
@@ -39,35 +41,64 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_config(path: str | Path) -> dict:
-    """Read a JSON or TOML config file."""
-    path = Path(path)
-    if not path.is_file():
-        raise AmnesiacError(f"config {path} does not exist; pass --config FILE (JSON or TOML)")
-    text = path.read_text()
-    if path.suffix == ".toml":
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in the package (``amnesiac experiment NAME`` reads ``NAME.json``)."""
+    folder = importlib.resources.files(CONFIG_PACKAGE) / CONFIG_FOLDER
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def find_config(name_or_path: str | Path) -> tuple[str, Path | None]:
+    """The config's text and, for a file given by path, that path (None for a packaged config).
+
+    ``name_or_path`` is a JSON or TOML file, or the name of a packaged config (``mnist``, ``mnist_resnet18``...).
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.read_text(), path
+    name = path.name.removesuffix(".json")
+    packaged = importlib.resources.files(CONFIG_PACKAGE) / CONFIG_FOLDER / f"{name}.json"
+    if str(name_or_path) in (name, f"{name}.json") and packaged.is_file():
+        return packaged.read_text(), None
+    raise AmnesiacError(f"config {name_or_path} does not exist; pass --config FILE (JSON or TOML) or the name of a "
+                        f"packaged config ({', '.join(packaged_configs())})")
+
+
+def read_config(path: str | Path) -> tuple[dict, Path | None]:
+    """Read a JSON or TOML config file (or a packaged config, by name); returns it and its file (None when
+    packaged)."""
+    text, found = find_config(path)
+    if found is not None and found.suffix == ".toml":
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
             raise AmnesiacError("TOML configs need Python 3.11+; use the JSON form") from None
-        return tomllib.loads(text)
+        try:
+            return tomllib.loads(text), found
+        except tomllib.TOMLDecodeError as e:
+            raise AmnesiacError(f"config {path} is not valid TOML: {e}") from None
     try:
-        return json.loads(text)
+        return json.loads(text), found
     except json.JSONDecodeError as e:
         raise AmnesiacError(f"config {path} is not valid JSON: {e}") from None
 
 
-def resolve_config(cfg: dict, *, base: Path, smoke: bool) -> dict:
-    """Apply the ``smoke`` overrides when asked, fill setting defaults, resolve data paths against ``base``."""
+def resolve_config(cfg: dict, *, base: Path | None, smoke: bool, data_dir: str | Path | None = None) -> dict:
+    """Apply the ``smoke`` overrides when asked, fill setting defaults, resolve relative data paths: against the data
+    folder (``data_dir``, else ``$AMNESIAC_DATA``) when given, else against ``base`` (the folder of a config file;
+    None for a packaged config, whose relative data paths then stay unresolved and their settings are skipped)."""
     cfg = deep_merge(cfg, cfg.get("smoke", {})) if smoke else copy.deepcopy(cfg)
     cfg.pop("smoke", None)
     shared = cfg.get("setting_defaults", {})
+    root = data_root(data_dir)
     settings = []
     for s in cfg.get("settings", []):
         s = {**SETTING_DEFAULTS, **shared, **s}
-        if s.get("data_path"):
-            p = Path(s["data_path"])
-            s["data_path"] = str(p if p.is_absolute() else (base / p).resolve())
+        if s.get("data_path") and not Path(s["data_path"]).is_absolute():
+            folder = root or base
+            if folder is not None:
+                s["data_path"] = str((folder / s["data_path"]).resolve())
+        if s.get("data_dir") is None and root is not None:
+            s["data_dir"] = str(root)
         settings.append(s)
     cfg["settings"] = settings
     return cfg
@@ -81,7 +112,8 @@ def load_bundle(s: dict) -> tuple[DataBundle, dict]:
     """The setting's data, reduced as it says, and the data spec stored in the run (so `amnesiac forget/eval`
     reload the same data)."""
     if s["dataset"] == "npz" and not Path(s["data_path"] or "").is_file():
-        raise SkipSetting(f"data file {s['data_path']} is missing")
+        raise SkipSetting(f"data file {s['data_path']} is missing (relative data paths are found in the folder named "
+                          f"by --data-dir or the {DATA_ENV} environment variable)")
     try:
         bundle = load_dataset(s["dataset"], data_dir=s["data_dir"], download=s["download"], seed=s["seed"],
                               path=s["data_path"], size=s["size"])
@@ -108,11 +140,11 @@ def train_target(s: dict, bundle: DataBundle, data_spec: dict, run_dir: Path, *,
     torch.manual_seed(s["seed"])
     model = build_model(spec)
     opt = make_optimizer(model, s["optimizer"], s["lr"])
-    extra = {"data": data_spec, "batch_size": s["batch_size"], "optimizer": s["optimizer"], "lr": s["lr"],
-             "epochs": s["epochs"], "seed": s["seed"]}
+    setting = TrainingSetting(model_spec=spec, data=data_spec, optimizer=s["optimizer"], lr=s["lr"],
+                              batch_size=s["batch_size"], epochs=s["epochs"], seed=s["seed"])
     start = time.perf_counter()
-    with Recorder(model, opt, run_dir, codec=codec or s["codec"], durable=False, model_spec=spec,
-                  extra=extra) as rec:
+    with Recorder(model, opt, run_dir, codec=codec or s["codec"], durable=False,
+                  **setting.recorder_options()) as rec:
         train(model, opt, bundle.train, epochs=s["epochs"], batch_size=s["batch_size"], seed=s["seed"],
               recorder=rec, progress=progress)
     return open_run(run_dir), time.perf_counter() - start
@@ -158,6 +190,6 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(json_ready(obj), indent=1, default=str))
 
 
-__all__ = ["CONFIG_DIR", "REPO_ROOT", "SkipSetting", "deep_merge", "load_bundle", "measure_methods",
+__all__ = ["SkipSetting", "deep_merge", "find_config", "load_bundle", "measure_methods", "packaged_configs",
            "plain_training_seconds", "read_config", "resolve_config", "setting_name", "shadow_attack", "storage",
            "train_target", "write_json"]
