@@ -171,8 +171,11 @@ class AsyncStepWriter:
             for s in self._specs:
                 lo, hi = s.chunk_range(c0, c1)
                 piece[s.name] = flat[s.name][lo:hi]
-            self.submit_piece(c0, c1, piece, {k: side[k].reshape(-1)[c0:c1] for k in self._side_names})
-        return self.end_step(metadata)
+            # a failure of the writer thread is raised when the step starts (above), not half-way through it: a
+            # whole step is handed over as one operation, as before pieces existed
+            self._submit_piece(c0, c1, piece, {k: side[k].reshape(-1)[c0:c1] for k in self._side_names},
+                               check=c0 == 0)
+        return self._end_step(metadata, check=False)
 
     def submit_piece(self, c0: int, c1: int, streams: Mapping[str, torch.Tensor],
                      side: Mapping[str, torch.Tensor]):
@@ -182,7 +185,13 @@ class AsyncStepWriter:
         Returns the buffer's copy event on CUDA (the device memory of ``streams`` may be overwritten once the
         training stream waits on it), else None. Any failure abandons the step and raises.
         """
-        self._check_open()
+        return self._submit_piece(c0, c1, streams, side, check=True)
+
+    def _submit_piece(self, c0: int, c1: int, streams, side, *, check: bool):
+        if check:
+            self._check_open()
+        elif self._closed:
+            raise DeltaStoreError("the writer is closed")
         try:
             expected = 0 if self._open_chunk is None else self._open_chunk
             if c0 != expected or not c0 < c1 <= min(self._num_chunks, c0 + self.chunks_per_piece):
@@ -201,7 +210,8 @@ class AsyncStepWriter:
             t1 = time.perf_counter()
             queued = False
             try:
-                self._raise_pending()
+                if check:
+                    self._raise_pending()  # the writer failed while this thread waited for the buffer
                 event = self._fill(index, layout, sources)
                 self._work.put(("piece", self._next_step, c0, c1, index))
                 queued = True
@@ -218,7 +228,13 @@ class AsyncStepWriter:
 
     def end_step(self, metadata: Mapping[str, np.ndarray]) -> int:
         """Close the current step (every chunk submitted) with its metadata; returns its step number."""
-        self._check_open()
+        return self._end_step(metadata, check=True)
+
+    def _end_step(self, metadata: Mapping[str, np.ndarray], *, check: bool) -> int:
+        if check:
+            self._check_open()
+        elif self._closed:
+            raise DeltaStoreError("the writer is closed")
         if self._open_chunk != self._num_chunks:
             self._abandon_step()
             raise ValueError(f"end_step after chunk {self._open_chunk} of {self._num_chunks}: the step was "
