@@ -3,11 +3,14 @@
 Implements amnesiac unlearning (Graves, Nagisetty, Ganesh, AAAI 2021) on top of :mod:`deltastore`.
 """
 
-from .errors import (AmnesiacError, DataError, ModelMismatchError, RecorderError, ResumeError,
+from .errors import (AmnesiacError, DataError, ModelMismatchError, RecorderError, ResumeError, RunBusyError,
                      RunDamagedError, RunExistsError, RunNotFoundError, SelectionError)
 from .recorder import Recorder
+from .requests import purge
 from .run import Run, UnlearnReport, open_run
+from .sampler import IsolatingBatchSampler
 
-__all__ = ["AmnesiacError", "DataError", "ModelMismatchError", "Recorder", "RecorderError",
-           "ResumeError", "Run", "RunDamagedError", "RunExistsError", "RunNotFoundError", "SelectionError", "UnlearnReport", "open_run"]
+__all__ = ["AmnesiacError", "DataError", "IsolatingBatchSampler", "ModelMismatchError", "Recorder", "RecorderError",
+           "ResumeError", "Run", "RunBusyError", "RunDamagedError", "RunExistsError", "RunNotFoundError",
+           "SelectionError", "UnlearnReport", "open_run", "purge"]
 __version__ = "0.1.0"

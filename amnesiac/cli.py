@@ -1,4 +1,6 @@
-"""The ``amnesiac`` command line: demo, train, forget, eval. Run ``amnesiac COMMAND --help`` for each."""
+"""The ``amnesiac`` command line: demo, train, forget, eval, experiment, audit.
+
+Run ``amnesiac COMMAND --help`` for each."""
 
 from __future__ import annotations
 
@@ -85,6 +87,11 @@ def cmd_forget(args) -> dict:
     from safetensors.torch import save_file
 
     from .run import open_run
+    if args.purge:  # the request served in place, with a receipt: amnesiac/audit.py
+        from .audit import cmd_purge
+        return cmd_purge(args)
+    if args.out is None:
+        raise AmnesiacError("give --out FILE.safetensors for the new weights (or --purge to forget in place)")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise AmnesiacError(f"{out} exists; pass --overwrite or choose another --out")
@@ -269,7 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--samples", help="sample ids to forget")
     sel.add_argument("--classes", help="classes to forget (the run must have recorded labels)")
     sel.add_argument("--steps", help="steps to undo")
-    f.add_argument("--out", required=True, help="output FILE.safetensors")
+    f.add_argument("--out", help="output FILE.safetensors (required unless --purge; with --purge: a copy of the "
+                   "run's new final state)")
+    f.add_argument("--purge", action="store_true",
+                   help="forget in place: undo the steps from the run's final state, delete their deltas and ledger "
+                   "records, and append a receipt (see `amnesiac audit`); --finetune-epochs K then records the "
+                   "fine-tune into the run")
+    f.add_argument("--request-id", help="with --purge: the request's id in its receipt (default request-N)")
     f.add_argument("--overwrite", action="store_true")
     f.add_argument("--method", default="amnesiac", choices=list(METHODS),
                    help="amnesiac (default: undo the steps), amnesiac-finetune, or a baseline: retrain (from the "
@@ -311,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_experiment)
     for sp in (d, t, f, e, x):
         sp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    from .audit import add_audit_parser
+    add_audit_parser(sub)
     return p
 
 
@@ -321,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     except (AmnesiacError, DeltaStoreError) as e:
         print(f"amnesiac {args.command}: error: {e}", file=sys.stderr)
         return 2
-    if args.json:
+    if args.json and result is not None:
         print(json.dumps(result, indent=1, default=_jsonable))
-    return 0
+    return getattr(args, "exit_status", 0)  # audit --verify: 1 when it finds a fault
 
 
 def _jsonable(o):

@@ -39,3 +39,6 @@ class ResumeError(AmnesiacError, ValueError):
 class RunDamagedError(AmnesiacError, ValueError):
     """A run directory is damaged or malformed in a way the storage layer did not name (its message says what)."""
 
+
+class RunBusyError(AmnesiacError, RuntimeError):
+    """Another process (a live Recorder, a purge) holds the run's writer lock; the message names it."""

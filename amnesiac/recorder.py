@@ -78,6 +78,9 @@ class Recorder:
             than one rank, ``None`` records as one process.
         resume: continue an incomplete run (one left by a crash, or closed with ``finalize=False``) instead of
             creating one. ``codec``, ``backend``, ``chunk_elems`` and ``durable`` are then the run's own.
+        reopen: record more steps into a complete run (a fine-tune after ``amnesiac.purge``); the model must hold
+            ``open_run(run_dir).final_state()``. Closing writes the new final state (and, if the run has deletion
+            receipts, a ``finetune`` receipt naming ``request_id``).
         checkpoint: with ``resume``, a file written by :meth:`checkpoint`: the model and optimizer are loaded from
             it, the run is cut back to the step it was taken at (later committed steps are dropped: the training
             repeats them) and step numbering continues from there. Without it, the model must already hold the
@@ -93,15 +96,21 @@ class Recorder:
                  codec: str = "fp32", backend: str = "zarr", chunk_elems: int = 1 << 20, durable: bool = True,
                  slots: int | None = None, max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  model_spec: dict | None = None, extra: dict | None = None, resume: bool = False,
-                 checkpoint: str | Path | None = None, record_on=None, scaler=None, process_group="auto"):
+                 checkpoint: str | Path | None = None, record_on=None, scaler=None, process_group="auto",
+                 reopen: bool = False, request_id: str | None = None):
         self.model, self.optimizer = model, optimizer
         self._module = unwrap_model(model)  # DDP / torch.compile wrappers: store the plain module's names
         optimizers = as_optimizers(optimizer)
         self.epoch = 0  # stored with every step; set it from the training loop if you like
         residual = None
+        self._finalize_attachments = None
         if checkpoint is not None and not resume:
             raise RecorderError("checkpoint= is for resuming a run: pass resume=True as well")
-        if resume:
+        if reopen:  # more steps into a complete (e.g. purged) run: see amnesiac/requests.py
+            from .requests import reopen_run
+            self.store, residual, self._finalize_attachments = reopen_run(run_dir, self._module, request_id)
+            state = self._state()
+        elif resume:
             self.store = _open_for_resume(run_dir)
             try:
                 residual = self._resume(checkpoint)
@@ -325,8 +334,9 @@ class Recorder:
                                     f"stays incomplete with its {self.store.num_steps} committed steps, which "
                                     "remain usable. Resume it from a checkpoint to record the rest.")
             if finalize:
-                residual = self._encoder.residual
-                self.store.finalize(self._state(), residual)
+                residual, state = self._encoder.residual, self._state()
+                extra = self._finalize_attachments(state) if self._finalize_attachments else None
+                self.store.finalize(state, residual, attachments=extra)
         finally:
             self.store.close()
 
@@ -345,7 +355,7 @@ def _open_for_resume(run_dir) -> DeltaStore:
         raise RunNotFoundError(str(e)) from None
     except ReadOnlyError:
         raise RecorderError(f"{run_dir} holds a complete run (closed normally); there is nothing to resume. "
-                            "Record into a new directory.") from None
+                            "Record into a new directory, or pass reopen=True to record more steps into it.") from None
 
 
 def _check_position(position: dict, store: DeltaStore) -> None:

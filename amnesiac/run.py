@@ -167,6 +167,8 @@ class Run:
                 return self.store.check_steps(wanted)
             except StepSelectionError as e:  # its message names the committed range
                 raise SelectionError(str(e)) from None
+        from .requests import refuse_folded  # samples whose steps retention folded away cannot be undone
+        refuse_folded(self.store, **{selection.kind: wanted})
         fields = self._fields()
         if "ids" not in fields:
             return np.zeros(0, np.int64)

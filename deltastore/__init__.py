@@ -13,8 +13,10 @@ from .errors import (PROGRAMMING_ERRORS, CorruptionError, DeltaStoreError, Devic
                      StoreLockedError, StoreNotFoundError, UnknownCodecError, WriterError)
 from .fileio import (MAX_SAFETENSORS_HEADER, atomic_write_bytes, crc32c, parse_safetensors, read_safetensors_file,
                      tensor_crc32c)
+from .generation import read_attachment, stale_files
 from .layout import TensorLayout
 from .reduce import ReduceResult, UnlearnPlan, plan_unlearning, run_plan
+from .rewrite import RewritePlan, RewriteResult, RunRewrite, folded_metadata, reopen_store
 from .steplog import RaggedField, log_tail_crc32c
 from .store import DeltaStore
 from .verify import Reconstruction, check_state_at, reconstruction, verify_store
@@ -35,5 +37,8 @@ __all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreE
            # recording: the asynchronous write pipeline
            "AsyncStepWriter", "DEFAULT_BUFFER_BYTES",
            # verification: the one reconstruction check (verify and resume)
-           "Reconstruction", "check_state_at", "reconstruction", "verify_store"]
+           "Reconstruction", "check_state_at", "reconstruction", "verify_store",
+           # rewriting a run in place (purge, retention): deltastore/rewrite.py, deltastore/generation.py
+           "RewritePlan", "RewriteResult", "RunRewrite", "folded_metadata", "read_attachment", "reopen_store",
+           "stale_files"]
 __version__ = "0.1.0"

@@ -81,6 +81,14 @@ class ZarrBackend:
     def _shard_path(self, stream: str, step: int) -> Path:
         return self.root / stream / "c" / str(step) / "0"
 
+    def step_files(self, step: int) -> list[str]:
+        """The files holding ``step``, relative to the backend's root (a rewrite links them under new numbers)."""
+        return [f"{name}/c/{step}/0" for name in self.streams]
+
+    def metadata_files(self) -> list[str]:
+        """The backend's files that describe every step (copied as they are into a rewritten generation)."""
+        return [f"{name}/zarr.json" for name in self.streams]
+
     def _grow(self, needed_steps: int) -> None:
         for name, arr in self.arrays.items():
             capacity = arr.shape[0]
@@ -323,6 +331,13 @@ class SafetensorsBackend:
 
     def _path(self, step: int) -> Path:
         return self.root / f"step-{step:010d}.safetensors"
+
+    def step_files(self, step: int) -> list[str]:
+        """The files holding ``step``, relative to the backend's root (a rewrite links them under new numbers)."""
+        return [self._path(step).name]
+
+    def metadata_files(self) -> list[str]:
+        return []
 
     def write_step(self, step: int, streams: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         path = self._path(step)

@@ -1,4 +1,4 @@
-"""The ``deltastore`` command line: ``info`` and ``verify`` a store or run directory."""
+"""The ``deltastore`` command line: ``info``, ``verify`` and ``gc`` (retention) a store or run directory."""
 
 from __future__ import annotations
 
@@ -47,6 +47,18 @@ def cmd_verify(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_gc(args) -> int:
+    from .retention import gc
+    report = gc(args.path, keep_last_epochs=args.keep_last_epochs, before_step=args.before_step)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{report['path']}: folded {report['steps_folded']} of {report['steps_before']} steps into the start "
+              f"state, {report['steps_after']} kept; freed {_human(report['bytes_freed'])} "
+              f"({_human(report['bytes_on_disk_before'])} -> {_human(report['bytes_on_disk'])} on disk)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltastore", description="Inspect and check delta stores (run directories).",
                                 epilog="Exit status: 0 sound, 1 damaged (verify), 2 not a readable store.")
@@ -59,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
+    g = sub.add_parser("gc", help="retention: fold old steps into the start state and free their disk",
+                       description="Fold the steps before --before-step S (or before the last --keep-last-epochs N "
+                       "epochs) into the start state: S_0 += their deltas, their files are deleted, the kept steps "
+                       "are renumbered from 0 and verify still passes. Samples trained on in folded steps can no "
+                       "longer be forgotten (amnesiac refuses them, naming them). Crash-safe; takes the writer "
+                       "lock. Also removes files an interrupted purge or gc left (--before-step 0 does only that).")
+    g.add_argument("path")
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--keep-last-epochs", type=int, metavar="N", help="keep the steps of the last N epochs")
+    which.add_argument("--before-step", type=int, metavar="S", help="fold steps 0..S-1")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_gc)
     return p
 
 

@@ -181,7 +181,7 @@ def log_tail_crc32c(store, log_bytes: int | None = None, *, tail: int = LOG_TAIL
     """
     end = store.commit_record["log_bytes"] if log_bytes is None else int(log_bytes)
     lo = max(0, end - tail)
-    path = Path(store.path) / LOG_NAME
+    path = Path(store.data_dir) / LOG_NAME  # the committed generation's log (see generation.py)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)

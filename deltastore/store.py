@@ -55,6 +55,7 @@ from .codecs import Codec, parse_codec
 from .devices import resolve_device
 from .errors import (CorruptionError, DeltaStoreError, FormatError, InvalidArgumentError, LayoutMismatchError,
                      ReadOnlyError, StepSelectionError, StoreExistsError, StoreNotFoundError)
+from .generation import data_dir, generation_fields, generation_of, remove_stale, write_attachment
 from .fileio import atomic_write_json, check_tree, json_crc32c, read_json
 from .layout import TensorLayout
 from .lock import WriterLock
@@ -86,7 +87,7 @@ class DeltaStore:
         try:
             self.backend = self._open_backend()
             if writable:
-                self._log = StepLogWriter(self.path / "steps.log", committed_bytes=commit["log_bytes"],
+                self._log = StepLogWriter(self.data_dir / "steps.log", committed_bytes=commit["log_bytes"],
                                           durable=meta["durable"])
         except BaseException:
             if self._lock is not None:
@@ -95,7 +96,7 @@ class DeltaStore:
 
     def _open_backend(self):
         try:
-            backend = backend_class(self.meta["backend"])(self.path / "deltas", self.codec.streams(),
+            backend = backend_class(self.meta["backend"])(self.data_dir / "deltas", self.codec.streams(),
                                                           durable=self.meta["durable"])
         except DeltaStoreError:
             raise
@@ -172,7 +173,7 @@ class DeltaStore:
     def refresh(self) -> None:
         """Re-read the commit file (a reader following a live writer sees the newest committed prefix)."""
         commit = _read_commit(self.path, self.meta)
-        if commit["steps"] != self.num_steps:
+        if commit["steps"] != self.num_steps or generation_of(commit) != generation_of(self._commit):
             _check_backend_meta(self.path, self.meta, commit, self.codec.streams())
             self.backend = self._open_backend()  # the writer may have grown the arrays since they were opened
         self._commit, self._table = commit, None
@@ -193,13 +194,19 @@ class DeltaStore:
             raise StepSelectionError(f"cannot cut the store to {steps} steps: it has {self.num_steps}")
         if steps == self.num_steps:
             return
-        ends = record_ends(self.path / "steps.log", committed_bytes=self._commit["log_bytes"],
+        ends = record_ends(self.data_dir / "steps.log", committed_bytes=self._commit["log_bytes"],
                            num_steps=self.num_steps)
         log_bytes = ends[steps - 1] if steps else 0
-        self._write_commit(_sealed({"steps": steps, "log_bytes": log_bytes, "status": RECORDING}))
+        self._write_commit(_sealed({**generation_fields(self._commit), "steps": steps, "log_bytes": log_bytes,
+                                    "status": RECORDING}))
         self._log.rollback(log_bytes)
 
     # ---------------------------------------------------------------- properties
+    @property
+    def data_dir(self) -> Path:
+        """Where the committed generation's data files live (the directory itself until a rewrite)."""
+        return data_dir(self.path, self._commit)
+
     @property
     def num_steps(self) -> int:
         return self._commit["steps"]
@@ -267,16 +274,18 @@ class DeltaStore:
                            {k: _to_numpy(torch.as_tensor(v)).astype(np.int64) for k, v in (metadata or {}).items()})
 
     def finalize(self, final: Mapping[str, torch.Tensor],
-                 residual: torch.Tensor | Callable[[int, int], torch.Tensor] | None = None) -> None:
+                 residual: torch.Tensor | Callable[[int, int], torch.Tensor] | None = None, *,
+                 attachments: Mapping[str, bytes] | None = None) -> None:
         """Save S_T (and a lossy codec's residual), record the codec's error and mark the store complete.
 
         Both are written tensor by tensor (the residual piece by piece: it may be given as a function returning
-        its flat elements ``[lo, hi)``), so finalizing holds no extra copy of the state.
+        its flat elements ``[lo, hi)``), so finalizing holds no extra copy of the state. ``attachments`` (name ->
+        bytes) are committed with it (see :mod:`deltastore.generation`).
         """
         if not self.writable:
             raise ReadOnlyError(f"{self.path} was opened for reading")
         self.layout.check(final)
-        final_crc, final_bytes = write_snapshot(self.path / "final.safetensors", final)
+        final_crc, final_bytes = write_snapshot(self.data_dir / "final.safetensors", final)
         commit = {**self._commit, "status": COMPLETE, "final_crc32c": final_crc, "final_bytes": final_bytes}
         moved = math.sqrt(self._moved_squared(final))
         commit["codec_error"] = 0.0
@@ -294,9 +303,15 @@ class DeltaStore:
                     yield piece
 
             commit["residual_crc32c"], commit["residual_bytes"] = write_snapshot(
-                self.path / "residual.safetensors", {"residual": (torch.float32, (n,), pieces)})
+                self.data_dir / "residual.safetensors", {"residual": (torch.float32, (n,), pieces)})
             commit["codec_error"] = math.sqrt(squares[0]) / moved if moved > 0 else 0.0
+        for name, data in (attachments or {}).items():
+            commit["attachments"] = {**commit.get("attachments", {}),
+                                     name: write_attachment(self.data_dir, name, data, self._commit,
+                                                            durable=self.meta["durable"])}
         self._write_commit(_sealed(commit))
+        if attachments:
+            remove_stale(self.path, self._commit)  # the replaced versions (this writer holds the lock)
 
     def _moved_squared(self, final: Mapping[str, torch.Tensor]) -> float:
         """``|S_T - S_0|^2`` over the layout's tensors, read and compared piece by piece."""
@@ -335,7 +350,7 @@ class DeltaStore:
 
     def _step_table(self) -> dict[str, RaggedField]:
         if self._table is None:
-            self._table = read_step_log(self.path / "steps.log", committed_bytes=self._commit["log_bytes"],
+            self._table = read_step_log(self.data_dir / "steps.log", committed_bytes=self._commit["log_bytes"],
                                         num_steps=self.num_steps)
         return self._table
 
@@ -352,12 +367,13 @@ class DeltaStore:
     def _snapshot_file(self, which: str) -> SnapshotFile:
         """Open ``start``, ``final`` or ``residual`` for reading, after checking its size and crc32c."""
         key = {"start": None, "final": "final", "residual": "residual"}[which]
-        source = self.meta if key is None else self._commit
+        # a rewrite that changed the start state (retention) records its checksum in the commit file
+        source = self._commit if key is not None or "start_crc32c" in self._commit else self.meta
         expected = source.get(f"{which}_crc32c")
         if expected is None:
             raise StoreNotFoundError(f"{self.path} has no {which} state"
                                      + (" yet: the run was not closed (complete)" if which == "final" else ""))
-        snap = SnapshotFile(self.path / f"{which}.safetensors", expected_crc=expected,
+        snap = SnapshotFile(self.data_dir / f"{which}.safetensors", expected_crc=expected,
                             expected_size=source.get(f"{which}_bytes"), what=f"the {which} state")
         if which == "residual":
             meta = snap.meta()
@@ -387,7 +403,7 @@ class DeltaStore:
                 self.layout.check(snap.meta())
             except LayoutMismatchError as e:
                 raise CorruptionError(f"the {which} state does not match the store's layout: {e}",
-                                      path=self.path / f"{which}.safetensors") from None
+                                      path=self.data_dir / f"{which}.safetensors") from None
             return flat_into(snap, self.layout, out)
 
     def read_step(self, step: int, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -432,13 +448,14 @@ class DeltaStore:
     def info(self) -> dict:
         bytes_on_disk = directory_bytes(self.path)
         raw = self.num_steps * self.layout.numel * 4
-        delta_bytes = directory_bytes(self.path / "deltas")
+        delta_bytes = directory_bytes(self.data_dir / "deltas")
         return {"path": str(self.path), "format_version": self.meta["version"], "status": self.status,
                 "steps": self.num_steps, "codec": self.codec.name, "lossy": self.codec.lossy,
                 "backend": self.meta["backend"], "tensors": len(self.layout.entries), "elements": self.layout.numel,
                 "chunk_elems": self.codec.chunk_elems, "bytes_on_disk": bytes_on_disk, "delta_bytes": delta_bytes,
                 "raw_fp32_bytes": raw, "ratio": (delta_bytes / raw) if raw else math.nan,
-                "codec_error": self._commit.get("codec_error"), "attrs": self.attrs}
+                "codec_error": self._commit.get("codec_error"), "generation": generation_of(self._commit),
+                "folded_steps": self._commit.get("folded_steps", 0), "attrs": self.attrs}
 
     @property
     def commit_record(self) -> dict:
@@ -453,3 +470,8 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+
+
+def _save_snapshot(path: Path, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """Save tensors as safetensors (no pickle), atomically and durably, tensor by tensor; return crc32c and size."""
+    return write_snapshot(path, tensors, durable=True)

@@ -10,6 +10,7 @@ import torch
 
 from .errors import CorruptionError, FormatError
 from .fileio import json_crc32c, read_json
+from .generation import check_generation_fields, data_dir
 from .layout import TensorLayout
 from .steplog import _HEADER as _LOG_HEADER
 
@@ -77,7 +78,8 @@ def _read_commit(path: Path, meta: dict) -> dict:
         raise FormatError(f"{path}/commit.json is malformed")
     # the log must hold the committed bytes, and a committed record takes at least a header: so a crafted step
     # count can never make a reader allocate per step more than the files on disk justify
-    log = path / "steps.log"
+    check_generation_fields(commit, path)
+    log = data_dir(path, commit) / "steps.log"
     try:
         log_size = os.stat(log, follow_symlinks=False).st_size
     except FileNotFoundError:
@@ -115,7 +117,7 @@ def _check_backend_meta(path: Path, meta: dict, commit: dict, streams) -> None:
         raise FormatError(f"{path}/store.json lists backend metadata for {sorted(expected)}, the codec has streams "
                           f"{sorted(s.name for s in streams)}")
     for s in streams:
-        file = path / "deltas" / s.name / "zarr.json"
+        file = data_dir(path, commit) / "deltas" / s.name / "zarr.json"
         try:
             zmeta = read_json(file, "zarr array metadata")
         except FileNotFoundError:
