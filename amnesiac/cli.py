@@ -194,11 +194,9 @@ def cmd_eval(args) -> dict:
         print(f"test accuracy: overall {_p(t['overall'])}"
               + (f", forgotten classes {_p(t['forgotten'])}, retained {_p(t['retained'])}" if forget else ""))
         if "mia_loss" in result:
-            print(f"forget set: accuracy {_p(result.get('forget_set'))}, loss-attack recall "
-                  f"{_f(result['mia_loss']['recall'])} (AUC {_f(result['mia_loss']['auc'])})"
-                  + (f", shadow-attack recall {_f(result['mia_shadow']['recall'])} (AUC "
-                     f"{_f(result['mia_shadow']['auc'])}; shadow models' accuracy {_p(result.get('shadow_accuracy'))})"
-                     if "mia_shadow" in result else ""))
+            print(f"forget set: accuracy {_p(result.get('forget_set'))}, loss attack {_attack(result['mia_loss'])}"
+                  + (f", shadow attack {_attack(result['mia_shadow'])} (shadow models' accuracy "
+                     f"{_p(result.get('shadow_accuracy'))})" if "mia_shadow" in result else ""))
         if "distance" in result:
             d = result["distance"]
             print(f"to the reference: weights L2 {_f(d['weights_l2'])} ({_f(d['weights_l2_relative'])} relative), "
@@ -208,6 +206,13 @@ def cmd_eval(args) -> dict:
 
 def _p(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
+
+
+def _attack(r: dict) -> str:
+    """One attack object of `eval --json` as text: recall at its false-positive rate, AUC with its interval."""
+    ci = r.get("auc_ci95") or [None, None]
+    return (f"recall {_f(r['recall'])} at FPR {_f(r.get('fpr'))}, AUC {_f(r['auc'])} [95% CI {_f(ci[0])}, "
+            f"{_f(ci[1])}], TPR at 1% FPR {_f(r.get('tpr_at_1pct_fpr'))}")
 
 
 def _f(x, digits: int = 3) -> str:
@@ -305,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--forget-samples", help="sample ids that were forgotten (for the forget-set metrics)")
     e.add_argument("--reference", help="FILE.safetensors to measure the distance to (e.g. `forget --method retrain`)")
     e.add_argument("--shadows", type=int, default=0,
-                   help="shadow models for the paper's membership inference attack (default 0: only the "
-                   "loss-threshold attack; 4 is a good choice)")
+                   help="shadow models for the membership inference attack (default 0: only the loss-threshold "
+                   "attack; 4 is a good choice): trained like the target (same class mix and optimizer steps) on "
+                   "its retained data plus half of the held-out data; attacks are scored on a disjoint quarter")
     e.add_argument("--download", action="store_true")
     e.set_defaults(func=cmd_eval)
 

@@ -5,6 +5,8 @@
 - ``npz``: any ``.npz`` with ``images`` (N, H, W) or (N, C, H, W) and ``labels`` (N,), e.g. ``mnist10k.npz``, 10,000
   real MNIST digits; fixed-seed split.
 - ``mnist`` and ``cifar100``: torchvision's loaders, from ``data_dir``; ``download=True`` fetches them.
+- ``fashion-mnist``: the real Fashion-MNIST (60,000 + 10,000 images) from Debian's ``dataset-fashion-mnist`` package
+  or ``data_dir`` (IDX files, read by :mod:`amnesiac.idx`); its own train/test split.
 
 Where data files are found: a path or folder given as an option; a relative ``.npz`` path that does not exist in the
 working directory is looked up in the folder named by the environment variable ``AMNESIAC_DATA``, which is also the
@@ -29,7 +31,7 @@ from torch.utils.data import Dataset
 
 from .errors import DataError
 
-DATASETS = ("digits", "synthetic", "npz", "mnist", "cifar100")
+DATASETS = ("digits", "synthetic", "npz", "mnist", "cifar100", "fashion-mnist")
 DATA_ENV = "AMNESIAC_DATA"  # a folder holding data files (mnist10k.npz, torchvision's copies)
 
 
@@ -169,6 +171,8 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, download: boo
         return DataBundle(name, train, test, int(labels.max()) + 1, {**spec, "path": str(path.resolve())})
     if name in ("mnist", "cifar100"):
         return _torchvision(name, data_dir, download, spec)
+    if name == "fashion-mnist":
+        return _fashion_mnist(data_dir, spec)
     raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -190,6 +194,19 @@ def _torchvision(name: str, data_dir, download: bool, spec: dict) -> DataBundle:
         offset += len(labels)
         out.append(IndexedDataset(_normalise(images / 255.0), labels, ids))
     return DataBundle(name, out[0], out[1], 10 if name == "mnist" else 100, {**spec, "data_dir": str(root)})
+
+
+def _fashion_mnist(data_dir, spec: dict) -> DataBundle:
+    from .idx import load_fashion_mnist
+    xtr, ytr, xte, yte = load_fashion_mnist(data_dir)
+    train = torch.as_tensor(xtr, dtype=torch.float32).unsqueeze(1) / 255.0
+    test = torch.as_tensor(xte, dtype=torch.float32).unsqueeze(1) / 255.0
+    mean, std = train.mean(), train.std().clamp_min(1e-8)  # the training set's statistics for both parts
+    parts = (IndexedDataset((train - mean) / std, torch.as_tensor(ytr.astype(np.int64)), torch.arange(len(ytr))),
+             IndexedDataset((test - mean) / std, torch.as_tensor(yte.astype(np.int64)),
+                            torch.arange(len(ytr), len(ytr) + len(yte))))
+    return DataBundle("fashion-mnist", parts[0], parts[1], 10,
+                      {**spec, **({"data_dir": str(data_dir)} if data_dir else {})})
 
 
 def bundle_from_spec(spec: dict, *, download: bool = False) -> DataBundle:

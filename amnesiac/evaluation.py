@@ -5,8 +5,11 @@
 - ``test``: test accuracy overall, on the forgotten classes and on the retained ones (NaN where a split is empty);
 - ``forget_set``: accuracy on the forget set itself (training samples the model should no longer fit);
 - ``retained_train``: accuracy on (a fixed sample of) the retained training data;
-- ``mia_loss``: the loss-threshold attack (:func:`amnesiac.mia.loss_attack`): recall on the forget set and AUC;
-- ``mia_shadow``: the paper's shadow-model attack, when a fitted :class:`~amnesiac.mia.ShadowAttack` is given;
+- ``mia_loss``: the loss-threshold attack (:func:`amnesiac.attacks.loss_attack_summary`);
+- ``mia_shadow``: the shadow-model attack, when a fitted :class:`~amnesiac.mia.ShadowAttack` is given (fit it with
+  :func:`amnesiac.attacks.fit_population_attack`); both attack objects hold ``auc``, ``auc_ci95`` (bootstrap 95%
+  interval), ``recall`` and ``fpr`` at the attack's threshold, and ``tpr_at_1pct_fpr``, scored against held-out
+  non-members (``nonmembers``, which must not have been used to fit the attack);
 - ``distance``: when reference weights (the retrained model) are given: L2 distance of the weights (absolute and
   relative to the reference's norm), prediction agreement and mean KL(reference || model) on the test set and on
   the forget set.
@@ -27,8 +30,9 @@ import math
 
 import torch
 
+from .attacks import fit_population_attack, held_out_split, loss_attack_summary, shadow_attack_summary
 from .data import IndexedDataset
-from .mia import ShadowAttack, loss_attack
+from .mia import ShadowAttack
 from .training import accuracy, predict
 
 
@@ -64,11 +68,14 @@ def forget_classes_of(task) -> list[int]:
 
 
 def evaluate(task, state: dict[str, torch.Tensor], *, reference: dict[str, torch.Tensor] | None = None,
-             attack: ShadowAttack | None = None, member_sample: int = 2000) -> dict:
+             attack: ShadowAttack | None = None, member_sample: int = 2000,
+             nonmembers: IndexedDataset | None = None) -> dict:
     """Every metric of the module docstring for ``state`` on ``task`` (see :class:`amnesiac.baselines.UnlearnTask`).
 
     ``reference`` is the retrained model's state (distances are skipped without it); ``attack`` a fitted shadow
     attack (skipped without it). ``member_sample`` caps the retained training samples used as known members.
+    ``nonmembers``: the held-out samples the attacks are scored against; by default the ``attack_nonmembers`` part
+    of :func:`amnesiac.attacks.held_out_split` of the test set, which :func:`fit_shadow_attack` never trains on.
     """
     model = task.model(state)
     classes = forget_classes_of(task)
@@ -78,10 +85,13 @@ def evaluate(task, state: dict[str, torch.Tensor], *, reference: dict[str, torch
            "forget_set": accuracy(model, task.forget_set)["overall"] if len(task.forget_set) else float("nan"),
            "retained_train": accuracy(model, retained)["overall"],
            "forget_set_size": len(task.forget_set)}
-    if test is not None and len(task.forget_set):
-        out["mia_loss"] = loss_attack(model, task.forget_set, test, retained)
+    held = nonmembers
+    if held is None and test is not None:
+        held = held_out_split(test, seed=task.seed).attack_nonmembers
+    if held is not None and len(task.forget_set):
+        out["mia_loss"] = loss_attack_summary(model, task.forget_set, held, retained, seed=task.seed)
         if attack is not None:
-            out["mia_shadow"] = attack.evaluate(model, task.forget_set, test)
+            out["mia_shadow"] = shadow_attack_summary(attack, model, task.forget_set, held, seed=task.seed)
     if reference is not None:
         ref_model = task.model(reference)
         out["distance"] = {**weight_distance(state, reference),
@@ -100,25 +110,12 @@ def storage(run) -> dict:
     return {k: info.get(k) for k in keys}
 
 
-def fit_shadow_attack(task, pool: IndexedDataset | None = None, *, shadows: int = 4, epochs: int | None = None,
-                      classifier: str = "gbdt", seed: int | None = None) -> ShadowAttack:
-    """Fit the paper's shadow-model attack for ``task``: shadows of the run's architecture, trained with the run's
-    optimizer, learning rate, batch size and epochs on halves of ``pool`` (default: the test set, which the target
-    never saw)."""
-    from .models import build_model
-    from .training import make_optimizer, train
-    pool = task.test_set if pool is None else pool
-    epochs = task.epochs if epochs is None else epochs
-
-    def train_shadow(data: IndexedDataset, shadow_seed: int) -> torch.nn.Module:
-        torch.manual_seed(shadow_seed)
-        model = build_model(task.model_spec)
-        train(model, make_optimizer(model, task.optimizer, task.lr), data, epochs=epochs,
-              batch_size=task.batch_size, seed=shadow_seed)
-        return model
-
-    return ShadowAttack.fit(pool, train_shadow, num_classes=int(task.model_spec["num_classes"]), shadows=shadows,
-                            seed=task.seed if seed is None else seed, classifier=classifier)
+def fit_shadow_attack(task, *, shadows: int = 4, classifier: str = "gbdt", seed: int | None = None) -> ShadowAttack:
+    """Fit the shadow-model attack for ``task`` (:func:`amnesiac.attacks.fit_population_attack`): shadows drawn
+    like the target's training set from its retained data plus the ``validation`` part of the test set, trained for
+    the target's number of optimizer steps; :func:`evaluate` scores it on the disjoint ``attack_nonmembers`` part."""
+    split = held_out_split(task.test_set, seed=task.seed)
+    return fit_population_attack(task, split, shadows=shadows, classifier=classifier, seed=seed)
 
 
 def json_ready(obj):

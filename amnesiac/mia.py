@@ -77,13 +77,24 @@ class ShadowAttack:
         """Train ``shadows`` models with ``train_shadow(data, seed)`` on random halves of ``pool`` (data the target
         never saw) and one attack classifier per class on their outputs for the pool (in: trained on, out: not)."""
         g = torch.Generator().manual_seed(seed)
-        feats, labels, member = [], [], []
-        accs = []
+        masks, models = [], []
         for k in range(shadows):
             order = torch.randperm(len(pool), generator=g)
             inside = torch.zeros(len(pool), dtype=torch.bool)
             inside[order[: len(pool) // 2]] = True
-            model = train_shadow(pool.subset(inside), seed + 1000 + k)
+            masks.append(inside)
+            models.append(train_shadow(pool.subset(inside), seed + 1000 + k))
+        return cls.from_shadows(pool, models, masks, num_classes=num_classes,
+                                make_classifier=lambda: _classifier(classifier, seed))
+
+    @classmethod
+    def from_shadows(cls, pool: IndexedDataset, models: list, masks: list, *, num_classes: int,
+                     make_classifier: Callable[[], object], empty: float | None = None) -> ShadowAttack:
+        """Fit one attack classifier per class on the shadow ``models``' outputs for ``pool`` (``masks[k]``: the
+        samples shadow k trained on). A class with one kind of row only gets a constant: ``empty`` if given, else
+        the share of members among its rows."""
+        feats, labels, member, accs = [], [], [], []
+        for model, inside in zip(models, masks):
             logits = predict(model, pool)
             accs.append((logits.argmax(1) == pool.labels)[~inside].float().mean().item())
             feats.append(attack_features(logits))
@@ -94,9 +105,9 @@ class ShadowAttack:
         for c in range(num_classes):
             rows = y == c
             if rows.sum() == 0 or len(np.unique(m[rows])) < 2:
-                attackers[c] = float(m[rows].mean()) if rows.any() else 0.5
+                attackers[c] = empty if empty is not None else (float(m[rows].mean()) if rows.any() else 0.5)
                 continue
-            attackers[c] = _classifier(classifier, seed).fit(x[rows], m[rows])
+            attackers[c] = make_classifier().fit(x[rows], m[rows])
         return cls(attackers, num_classes, float(np.mean(accs)))
 
     def member_scores(self, model: torch.nn.Module, data: IndexedDataset) -> np.ndarray:

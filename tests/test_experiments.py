@@ -30,6 +30,18 @@ def test_smoke(name, tmp_path):
     if name == "fraction":
         points = next(iter(result["settings"].values()))["points"]
         assert [p["steps_undone"] for p in points] == sorted(p["steps_undone"] for p in points)
+        assert "speed" not in str(points)  # a curve, no speed claim (issue 12)
+    if name == "ulira":
+        r = result["settings"]["digits-smoke"]
+        assert r["shadow_runs"] >= 4 and set(r["attack"]) >= {"original", "amnesiac", "amnesiac-finetune",
+                                                              "retrain-control", "neggrad", "relabel", "finetune"}
+    if name == "seeds":
+        r = result["settings"]["digits-smoke"]
+        assert len(r["replicates"]) == 2 and r["replicates"][0]["ensemble_size"] == 3
+        assert {"original", "retrain", "amnesiac", "amnesiac-finetune", "neggrad"} <= set(r["summary"]["table"])
+        t = r["replicates"][0]["timing"]
+        assert len(t["amnesiac_seconds"]) == 3 and len(t["retrain_seconds"]) == 3 and t["break_even_requests"]
+        assert "auc_ci95" in r["replicates"][0]["metrics"]["amnesiac"]["mia_shadow"]
 
 
 def test_missing_data_file_is_skipped_not_fatal(tmp_path):

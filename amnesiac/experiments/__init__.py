@@ -17,11 +17,13 @@ cifar100    (b) the paper's CIFAR-100 setting: forget one class, ResNet-18      
 samples     (c) forget a few random sample ids                                      :func:`forget_samples`
 fraction    (d) accuracy against the fraction of batches undone (paper Fig. 7)      :func:`batch_fraction`
 codecs      (e) forgetting quality and disk use against the delta codec             :func:`codecs`
+seeds       forget a class: controls, seeds x draws, retrain ensemble, intervals    :func:`.seeds.seeds_experiment`
+ulira       per-example attack: unlearned vs retrained (Hayes et al., 2024)         :func:`.ulira.ulira`
 ==========  ======================================================================  =========================
 
 Example:
     >>> sorted(EXPERIMENTS)
-    ['cifar100', 'codecs', 'fraction', 'mnist', 'samples']
+    ['cifar100', 'codecs', 'fraction', 'mnist', 'samples', 'seeds', 'ulira']
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from ..errors import AmnesiacError
 from . import report
 from .common import read_config, resolve_config, write_json
 from .runners import batch_fraction, codecs, forget_class, forget_samples
+from .seeds import seeds_experiment
+from .seeds_report import report_seeds
+from .ulira import report_ulira, ulira
 
 EXPERIMENTS = {
     "mnist": (forget_class, lambda r, o: report.report_forget_class(r, o, paper=True)),
@@ -44,6 +49,8 @@ EXPERIMENTS = {
     "samples": (forget_samples, report.report_samples),
     "fraction": (batch_fraction, report.report_fraction),
     "codecs": (codecs, report.report_codecs),
+    "seeds": (seeds_experiment, report_seeds),
+    "ulira": (ulira, report_ulira),
 }
 
 

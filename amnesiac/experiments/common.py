@@ -161,8 +161,7 @@ def plain_training_seconds(s: dict, bundle: DataBundle) -> float:
 def shadow_attack(task: UnlearnTask, mia_cfg: dict):
     if not mia_cfg or not mia_cfg.get("shadows"):
         return None
-    return fit_shadow_attack(task, shadows=int(mia_cfg["shadows"]), classifier=mia_cfg.get("classifier", "gbdt"),
-                             epochs=mia_cfg.get("epochs"))
+    return fit_shadow_attack(task, shadows=int(mia_cfg["shadows"]), classifier=mia_cfg.get("classifier", "gbdt"))
 
 
 def measure_methods(task: UnlearnTask, methods: dict, *, attack=None, include_original: bool = True) -> dict:

@@ -218,18 +218,13 @@ def report_fraction(res: dict, out: Path) -> str:
     for name, r in res["settings"].items():
         lines += [f"## {name}", "", f"Setting: {setting_line(r['setting'])}. Trained model's test accuracy "
                   f"{pct(r['original'])}. {storage_line(r['storage'])}.", ""]
-        header = ["batches undone", "samples seen", "amnesiac acc", "amnesiac time", "+1 FT epoch acc",
-                  "retrain acc", "retrain time", "speed-up (amnesiac)"]
+        header = ["batches undone", "samples seen", "amnesiac acc", "+1 FT epoch acc",
+                  "retrain without every sample seen: acc"]
         rows = [[f"{p['steps_undone']} ({p['fraction']:.2%})", str(p["forget_set_size"]), pct(p["amnesiac"]),
-                 secs(p["amnesiac_seconds"]), pct(p.get("amnesiac_finetune")), pct(p.get("retrain")),
-                 secs(p.get("retrain_seconds")), num(p.get("speedup"), "{:.0f}x")] for p in r["points"]]
-        lines += [table(header, rows), ""]
-        small = [p for p in r["points"] if p["fraction"] <= 0.01 and "speedup" in p]
-        if small:
-            ok = all(p["speedup"] >= 100 for p in small)
-            lines += [f"Target (amnesiac >= 100x faster than retraining when <= 1% of batches are undone): "
-                      f"{'met' if ok else 'MISSED'} (" + ", ".join(f"{p['speedup']:.0f}x at {p['fraction']:.2%}"
-                                                             for p in small) + ").", ""]
+                 pct(p.get("amnesiac_finetune")), pct(p.get("retrain"))] for p in r["points"]]
+        lines += [table(header, rows), "",
+                  "No speed is claimed here: undoing randomly chosen steps and retraining without every sample "
+                  "those steps saw are different operations. Fair speed figures: `amnesiac experiment seeds`.", ""]
         png = f"{name}.png"
         plot_fraction(r["points"], out / png, f"{name}: test accuracy vs batches undone")
         lines += [f"![{name}]({png})", ""]
