@@ -44,6 +44,7 @@ from deltastore import (DEFAULT_BUFFER_BYTES, AsyncStepWriter, DeltaStore, Layou
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ModelMismatchError, RecorderError, ResumeError, RunExistsError, RunNotFoundError
 from .loops import StepTrigger, as_optimizers, check_dtypes, recorded_state, unwrap_model
+from .selective import DeletableRule, check_same_declaration
 
 RUN_FORMAT = 1
 
@@ -86,6 +87,7 @@ class Recorder:
             repeats them) and step numbering continues from there. Without it, the model must already hold the
             state at the run's last committed step (``open_run(run_dir).final_state()``); only exact (fp32) runs
             can resume that way, since a lossy codec's residual lives only in checkpoints.
+        deletable: record selectively (ids that may be forgotten, or ``id -> bool``); see :mod:`amnesiac.selective`.
 
     Resuming checks that the model's state equals theta_0 plus the kept steps (plus the checkpoint's residual)
     within float32 rounding, reading those steps once, so that the recorded deltas keep adding up to the model's
@@ -97,8 +99,9 @@ class Recorder:
                  slots: int | None = None, max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  model_spec: dict | None = None, extra: dict | None = None, resume: bool = False,
                  checkpoint: str | Path | None = None, record_on=None, scaler=None, process_group="auto",
-                 reopen: bool = False, request_id: str | None = None):
+                 reopen: bool = False, request_id: str | None = None, deletable=None):
         self.model, self.optimizer = model, optimizer
+        self._deletable = None if deletable is None else DeletableRule.of(deletable, type(self) is Recorder)
         self._module = unwrap_model(model)  # DDP / torch.compile wrappers: store the plain module's names
         optimizers = as_optimizers(optimizer)
         self.epoch = 0  # stored with every step; set it from the training loop if you like
@@ -151,8 +154,8 @@ class Recorder:
         return super().__new__(cls)
 
     def _more_attrs(self) -> dict:
-        """Further run attributes of a subclass (the sharding of an FSDP2 run)."""
-        return {}
+        """Further run attributes: a selective run's declaration; a subclass's own (the sharding of an FSDP2 run)."""
+        return {"deletable": self._deletable.attrs()} if self._deletable is not None else {}
 
     def _state(self) -> dict[str, torch.Tensor]:
         """The tensors recorded: the unwrapped module's state_dict (see :func:`amnesiac.loops.recorded_state`)."""
@@ -170,7 +173,7 @@ class Recorder:
             store.layout.check(self._state())
         except LayoutMismatchError as e:
             raise ModelMismatchError(f"cannot resume {store.path}: {e}") from None
-        residual = None
+        selective, residual = check_same_declaration(store, self._deletable, checkpoint), None
         if isinstance(checkpoint, dict):  # a position(): the trainer restored the model and optimizer itself
             _check_position(checkpoint, store)
             step, residual, self.epoch = checkpoint["step"], checkpoint.get("residual"), checkpoint["epoch"]
@@ -183,7 +186,8 @@ class Recorder:
                                   "residual is kept only in checkpoints: resume with checkpoint=<a file written "
                                   "by Recorder.checkpoint>")
             step = store.num_steps
-        _check_state_at(store, self._state(), step, residual)
+        if not selective:  # a selective run's deltas add up to no state: the checkpoint is trusted
+            _check_state_at(store, self._state(), step, residual)
         store.truncate(step)
         return residual
 
@@ -258,6 +262,8 @@ class Recorder:
 
     def _record_step(self) -> None:
         """Record ``S_now - S_prev`` as the next step, with the ids declared since the previous one."""
+        if self._deletable is not None and not any(self._deletable.mask(ids).any() for ids in self._ids):
+            return self._skip_step()
         state = self._state()
         check_dtypes(state, self._dtypes, self.steps_submitted)
         self._writer.wait_copy_done()  # the delta buffer is still being copied out for the previous step
@@ -272,11 +278,18 @@ class Recorder:
         self._ids, self._labels = [], []
         self._writer.submit(streams, side, metadata)
 
+    def _skip_step(self) -> None:
+        """Selective recording, a step without deletable samples: a ledger record; S_prev follows the model."""
+        self.layout.flatten(self._state(), out=self._prev)  # (the writer copies from the encoded streams, not this)
+        metadata, self._ids, self._labels = self._step_metadata(), [], []
+        self._writer.submit_unstored(metadata)
+
     def _step_metadata(self) -> dict[str, np.ndarray]:
         metadata = {"ids": np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64),
                     "epoch": np.array([self.epoch], np.int64)}
         if self._labels:
             metadata["labels"] = np.concatenate(self._labels)
+        metadata.update(self._deletable.ledger(metadata["ids"]) if self._deletable is not None else {})
         return metadata
 
     def _record_trailing_change(self) -> None:
@@ -294,6 +307,8 @@ class Recorder:
     def _submit_change(self, now: torch.Tensor) -> None:
         """Record ``now - S_prev`` (flat) as a step without samples."""
         self._ids, self._labels = [], []
+        if self._deletable is not None:  # no samples, so nothing deletable: a ledger record only
+            return self._skip_step()
         self._writer.wait_copy_done()
         with torch.no_grad():
             streams, side = self._encoder.encode(torch.sub(now, self._prev, out=self._delta))

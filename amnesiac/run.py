@@ -36,6 +36,7 @@ from deltastore import (PROGRAMMING_ERRORS, DeltaStore, DeltaStoreError, LayoutM
 
 from .errors import AmnesiacError, ModelMismatchError, RunDamagedError, RunNotFoundError, SelectionError
 from .selection import Selection
+from .selective import check_forgettable
 
 # what malformed bytes can make the parsers below raise; programming errors (deltastore.PROGRAMMING_ERRORS:
 # AttributeError, TypeError...) are bugs, not damage, and reach the caller as they are
@@ -206,12 +207,33 @@ class Run:
             hits = np.isin(labels, wanted)
         return np.unique(ids.step_of_each_value()[hits])
 
+    @property
+    def selective(self) -> bool:
+        """True for a run recorded with ``Recorder(deletable=...)``: only deletable samples can be forgotten."""
+        return self.spec.get("deletable") is not None
+
+    def _check_undoable(self, selection: Selection, undo: np.ndarray) -> None:
+        """On a selective run, :class:`SelectionError` for what cannot be undone exactly (see amnesiac/selective.py)."""
+        if not self.complete:
+            raise SelectionError(f"{self.path} was recorded selectively and not closed: without its final state "
+                                 "nothing can be unlearned (the steps not stored are needed to rebuild it)")
+        if selection.kind == "sample_ids":
+            check_forgettable(self._fields(), selection.values)
+        missing = undo[~self.store.stored_mask[undo]]
+        if missing.size:
+            raise SelectionError(f"{selection} needs {missing.size} step(s) whose deltas were not stored (selective "
+                                 f"recording), e.g. {missing[:5].tolist()}; only samples declared deletable can be "
+                                 "forgotten on this run. Nothing was unlearned.")
+
     @_reading
     def unlearn_report(self, *, sample_ids=None, classes=None, steps=None, device: str | torch.device = "cpu",
                        progress: bool = False, **reduce_options) -> UnlearnReport:
         """Like :meth:`unlearn`, with the bookkeeping: steps undone, plan, bytes read, seconds."""
         device = resolve_device(device)  # DeviceUnavailableError before anything is read: not a damaged run
-        undo = self._steps_of(Selection.of(sample_ids=sample_ids, classes=classes, steps=steps))
+        selection = Selection.of(sample_ids=sample_ids, classes=classes, steps=steps)
+        undo = self._steps_of(selection)
+        if self.selective:
+            self._check_undoable(selection, undo)
         store = self.store
         result: ReduceResult = run_plan(store, plan_unlearning(store, undo), device=device,
                                         progress=progress, **reduce_options)

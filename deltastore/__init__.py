@@ -20,6 +20,7 @@ from .rewrite import RewritePlan, RewriteResult, RunRewrite, folded_metadata, re
 from .steplog import RaggedField, log_tail_crc32c
 from .store import DeltaStore
 from .verify import Reconstruction, check_state_at, reconstruction, verify_store
+from .streaming import DEFAULT_PIECE_ELEMS, StepStreamer
 from .writer import DEFAULT_BUFFER_BYTES, AsyncStepWriter
 
 __all__ = ["CODEC_NAMES", "Codec", "CorruptionError", "DeltaStore", "DeltaStoreError", "DeviceUnavailableError",

@@ -1,4 +1,5 @@
-"""The ``deltastore`` command line: ``info``, ``verify`` and ``gc`` (retention) a store or run directory."""
+"""The ``deltastore`` command line: ``info``, ``verify`` and ``gc`` (retention) a store or run directory, ``plan``
+a recording."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 
 from .errors import DeltaStoreError
+from .plan import calibration, plan
 from .store import DeltaStore
 from .verify import verify_store
 
@@ -25,7 +27,9 @@ def cmd_info(args) -> int:
         print(json.dumps(info, indent=1))
         return 0
     err = info["codec_error"]
-    print(f"{info['path']}: {info['status']}, {info['steps']} steps of {info['elements']:,} elements "
+    stored = ("" if info["stored_steps"] == info["steps"] else
+              f" ({info['stored_steps']} stored: recorded selectively)")
+    print(f"{info['path']}: {info['status']}, {info['steps']} steps{stored} of {info['elements']:,} elements "
           f"({info['tensors']} tensors)\n"
           f"codec {info['codec']}{' (lossy)' if info['lossy'] else ' (exact)'}, backend {info['backend']}"
           + (f", codec error {err:.3g}" if err is not None else "") + "\n"
@@ -43,9 +47,28 @@ def cmd_verify(args) -> int:
         for fault in report["faults"]:
             print(f"FAULT {fault}")
         extra = (f"; reconstruction error {report['reconstruction_error']:.3g}"
-                 if "reconstruction_error" in report else "")
+                 if "reconstruction_error" in report else f"; reconstruction {report['reconstruction']}"
+                 if "reconstruction" in report else "")
         print(f"{'OK' if report['ok'] else 'DAMAGED'}: {report['steps_checked']} steps checked{extra}")
     return 0 if report["ok"] else 1
+
+
+def cmd_plan(args) -> int:
+    params = args.params if args.params is not None else calibration()["models"][args.model]
+    p = plan(params=params, steps=args.steps, codec=args.codec, epochs=args.epochs,
+             deletable_fraction=args.deletable_fraction, batch_size=args.batch_size, isolate=args.isolate,
+             calibrate=args.calibrate)
+    if args.json:
+        print(json.dumps(p, indent=1))
+        return 0
+    print(f"{p['steps']} steps of {p['params']:,} floats, codec {p['codec']}: {p['stored_steps']} steps stored\n"
+          f"raw fp32 {_human(p['raw_fp32_bytes'])}, on disk {_human(p['bytes_on_disk'])} (ratio "
+          f"{p['figures']['ratio']:.3g}, with S_0, S_T and the ledger)\n"
+          f"written per step {_human(p['write_bytes_per_step'])} on average; the writer takes "
+          f"{p['writer_seconds_per_stored_step']:.3f} s per stored step on 2 cores\n"
+          f"forget one sample: {p['steps_undone_per_sample']} steps undone, about "
+          f"{p['forget_one_sample_seconds']:.2f} s")
+    return 0
 
 
 def cmd_gc(args) -> int:
@@ -72,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
+    pl = sub.add_parser("plan", help="estimate a recording's size and the cost of forgetting, before the run",
+                        description="Estimate raw_fp32_bytes, bytes_on_disk, write_bytes_per_step and "
+                        "forget_one_sample_seconds from the ratios and speeds the benchmarks measured (shipped with "
+                        "the package, each figure with its source) or from an existing run (--calibrate RUN). "
+                        "Example: deltastore plan --model resnet18 --steps 7813 --epochs 10 --codec fp16 "
+                        "--deletable-fraction 0.01 --batch-size 64 --isolate")
+    size = pl.add_mutually_exclusive_group(required=True)
+    size.add_argument("--params", type=int, help="floats per step (the model's floating state_dict elements)")
+    size.add_argument("--model", choices=["resnet18", "resnet50"], help="a model whose size is known (ImageNet head)")
+    pl.add_argument("--steps", type=int, required=True, help="optimizer steps of the training")
+    pl.add_argument("--codec", required=True, help="fp32, fp16, bf16 or topk:F")
+    pl.add_argument("--epochs", type=int, default=1,
+                    help="epochs the steps make (each sample is seen once per epoch; default 1)")
+    pl.add_argument("--deletable-fraction", type=float, help="record selectively: this fraction may be forgotten")
+    pl.add_argument("--batch-size", type=int, help="samples per step (for plain shuffling and the ledger)")
+    pl.add_argument("--isolate", action="store_true", help="the deletable samples are batched together "
+                    "(amnesiac.IsolatingBatchSampler)")
+    pl.add_argument("--calibrate", metavar="RUN", help="take the ratio and the reduce speed from this run")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
     g = sub.add_parser("gc", help="retention: fold old steps into the start state and free their disk",
                        description="Fold the steps before --before-step S (or before the last --keep-last-epochs N "
                        "epochs) into the start state: S_0 += their deltas, their files are deleted, the kept steps "

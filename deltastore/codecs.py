@@ -46,6 +46,7 @@ import torch
 
 from .errors import CorruptionError, UnknownCodecError
 
+_TOPK_GROUP_ELEMS = 1 << 22  # top-k takes |x| of this many elements at a time
 _FP16_TARGET = 32768.0  # a chunk's largest |value| maps here: headroom below fp16's 65504, far above its underflow
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -116,13 +117,31 @@ class Codec(ABC):
         """Encode one flat float32 delta on its device; a lossy codec takes ``enc.add_residual(delta)`` and leaves
         what it lost in ``enc.residual``. Returns (streams, side arrays) as tensors."""
 
+    def encode_piece(self, x: torch.Tensor, base: torch.Tensor, n: int) -> tuple[dict[str, torch.Tensor],
+                                                                               dict[str, torch.Tensor]]:
+        """Encode one piece of a step streamed by :class:`~deltastore.streaming.StepStreamer`: ``x`` is the
+        piece's ``S_t - base`` as a (chunks, chunk_elems) matrix whose ``n`` real elements are followed by zeros.
+        A lossy codec adds what it stores, decoded exactly as a reader decodes it, to ``base`` (the same shape:
+        what readers reconstruct), which is its error feedback. Returns (streams, side arrays) for those chunks.
+
+        This default serves a codec that only defines :meth:`encode` and :meth:`accumulate`: it encodes the piece
+        with a piece-sized codec of the same name (no residual) and decodes it into ``base``. The built-in codecs
+        override it to skip the extra buffers."""
+        piece = parse_codec(self.name, numel=n, chunk_elems=x.shape[1])
+        streams, side = piece.encode(piece.encoder(x.device), x.reshape(-1)[:n])
+        if self.lossy:
+            piece.accumulate(base.reshape(-1)[:n], 0, x.shape[0], streams, side)
+        return streams, side
+
     @abstractmethod
     def accumulate(self, acc: torch.Tensor, c0: int, c1: int, streams: dict[str, ArrayLike],
                    side: dict[str, ArrayLike], sign: float = 1.0) -> None:
         """Add ``sign`` times the decoded data chunks ``[c0, c1)`` to ``acc`` (the block's float32 elements).
 
         ``streams`` hold exactly the block's part of each stream (see :meth:`StreamSpec.chunk_range`); ``side``
-        holds the step's whole side arrays. Arrays may be numpy or torch; they are moved to ``acc``'s device.
+        holds the step's whole side arrays, or just the block's. Streams may be numpy or torch and are moved to
+        ``acc``'s device without blocking (pinned host memory makes that asynchronous); side arrays and top-k
+        indices are read on the host, so decoding never waits for the device.
         """
 
     def __repr__(self) -> str:
@@ -170,6 +189,27 @@ def as_tensor(a: ArrayLike, device: torch.device) -> torch.Tensor:
     """``a`` (numpy or torch) as a tensor on ``device``, copied without blocking: what ``accumulate`` starts from."""
     t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
     return t.to(device, non_blocking=True)
+
+
+def _host_array(a: ArrayLike) -> np.ndarray:
+    """``a`` as a host numpy array; a device tensor is copied once (pass host arrays to avoid that wait)."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach()
+        return (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).cpu().numpy()
+    return np.asarray(a)
+
+
+def _block_scales(side: dict[str, ArrayLike], c0: int, c1: int) -> np.ndarray:
+    """The block's scales, read on the host: reading them from a device tensor would wait for the GPU once per
+    chunk, and the device reduce could never run ahead."""
+    scale = _host_array(side["scale"])
+    return scale if scale.size == c1 - c0 else scale[c0:c1]
+
+
+def _max_abs(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's largest magnitude, without a full-size ``|x|`` temporary."""
+    low, high = torch.aminmax(rows, dim=1)
+    return torch.maximum(high, low.neg())
 
 
 def _chunk_scales(amax: torch.Tensor) -> torch.Tensor:
@@ -232,7 +272,7 @@ class _DenseCodec(Codec):
         if not self.scaled:
             acc.add_(data, alpha=sign)
             return
-        scale, c = as_tensor(side["scale"], acc.device)[c0:c1], self.chunk_elems
+        scale, c = _block_scales(side, c0, c1), self.chunk_elems
         for i in range(c1 - c0):  # chunks are large (2**20): a Python loop over them costs nothing
             seg = slice(i * c, min((i + 1) * c, acc.numel()))
             acc[seg].add_(data[seg].float(), alpha=sign * float(scale[i]))
@@ -249,6 +289,9 @@ class Fp32Codec(_DenseCodec):
     def encode(self, enc: Encoder, delta: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         return {"data": delta}, {}
 
+    def encode_piece(self, x: torch.Tensor, base: torch.Tensor, n: int):
+        return {"data": x.view(-1)[:n]}, {}  # the streamer's base is the previous state itself
+
 
 @register_codec
 class Fp16Codec(_DenseCodec):
@@ -260,7 +303,7 @@ class Fp16Codec(_DenseCodec):
 
     def encode(self, enc: Encoder, delta: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         rows = enc.add_residual(delta)
-        scale = _chunk_scales(rows.abs().amax(dim=1))  # faster on CPU than vector_norm(ord=inf)
+        scale = _chunk_scales(_max_abs(rows))
         q = torch.empty(rows.shape, dtype=torch.float16, device=rows.device)
         torch.div(rows, scale.unsqueeze(1), out=q)  # computed in float32, rounded once to float16
         # the residual is work minus exactly what a reader decodes (the float32 product, rounded as there);
@@ -269,6 +312,13 @@ class Fp16Codec(_DenseCodec):
         torch.mul(q, scale.unsqueeze(1), out=decoded)
         torch.sub(rows, decoded, out=decoded)
         return {"data": q.view(-1)[:self.numel]}, {"scale": scale}
+
+    def encode_piece(self, x: torch.Tensor, base: torch.Tensor, n: int):
+        scale = _chunk_scales(_max_abs(x))
+        q = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+        torch.div(x, scale.unsqueeze(1), out=q)
+        base.add_(q.float().mul_(scale.unsqueeze(1)))  # the float32 product, rounded as a reader does
+        return {"data": q.view(-1)[:n]}, {"scale": scale}
 
 
 @register_codec
@@ -282,6 +332,11 @@ class Bf16Codec(_DenseCodec):
         work = enc.add_residual(delta).view(-1)[:self.numel]
         data = work.to(torch.bfloat16)
         torch.sub(work, data, out=enc.residual)  # what bf16 lost is the next residual
+        return {"data": data.view(torch.int16)}, {}
+
+    def encode_piece(self, x: torch.Tensor, base: torch.Tensor, n: int):
+        data = x.view(-1)[:n].to(torch.bfloat16)
+        base.view(-1)[:n].add_(data)  # bf16 -> float32 is exact: the base gains exactly what a reader decodes
         return {"data": data.view(torch.int16)}, {}
 
     def decoded(self, data: torch.Tensor) -> torch.Tensor:
@@ -324,7 +379,7 @@ class TopKCodec(Codec):
 
     def encode(self, enc: Encoder, delta: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         rows = enc.add_residual(delta)
-        idx = torch.topk(rows.abs(), self.k_per_chunk, dim=1, sorted=False).indices.sort(dim=1).values
+        idx = self._select(rows)
         vals = torch.gather(rows, 1, idx)
         scale = _chunk_scales(vals.abs().amax(dim=1))
         q = (vals / scale.unsqueeze(1)).to(torch.float16)
@@ -334,19 +389,40 @@ class TopKCodec(Codec):
         coded = torch.diff(idx, dim=1, prepend=torch.zeros_like(idx[:, :1])).to(torch.int32)
         return {"values": q.view(-1), "indices": coded.view(-1)}, {"scale": scale}
 
+    def _select(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each row's top-k positions, sorted; ``|x|`` is taken a few chunks at a time (no full-size temporary)."""
+        group = max(1, _TOPK_GROUP_ELEMS // self.chunk_elems)
+        return torch.cat([torch.topk(rows[g:g + group].abs(), self.k_per_chunk, dim=1, sorted=False).indices
+                          for g in range(0, rows.shape[0], group)]).sort(dim=1).values
+
+    def encode_piece(self, x: torch.Tensor, base: torch.Tensor, n: int):
+        idx = self._select(x)
+        vals = torch.gather(x, 1, idx)
+        scale = _chunk_scales(vals.abs().amax(dim=1))
+        q = (vals / scale.unsqueeze(1)).to(torch.float16)
+        base.scatter_add_(1, idx, q.float().mul_(scale.unsqueeze(1)))  # padding picks add zero to zero
+        coded = torch.diff(idx, dim=1, prepend=torch.zeros_like(idx[:, :1])).to(torch.int32)
+        return {"values": q.view(-1), "indices": coded.view(-1)}, {"scale": scale}
+
     def accumulate(self, acc: torch.Tensor, c0: int, c1: int, streams: dict[str, ArrayLike],
                    side: dict[str, ArrayLike], sign: float = 1.0) -> None:
-        dev, c, k = acc.device, self.chunk_elems, self.k_per_chunk
-        scale = as_tensor(side["scale"], dev)[c0:c1]
-        vals = as_tensor(streams["values"], dev).float().view(c1 - c0, k) * scale.unsqueeze(1)
-        idx = torch.cumsum(as_tensor(streams["indices"], dev).view(c1 - c0, k).long(), dim=1)
-        # checksums stop accidents, not forgers: indices outside their chunk must not reach index_add_
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= c):
+        # every decision that needs values (indices in range, how many of the last chunk's entries fall in its
+        # padding) is made on the host copy, and no boolean mask is applied on the device: either would wait for it
+        dev, c, k, rows = acc.device, self.chunk_elems, self.k_per_chunk, c1 - c0
+        scale = _block_scales(side, c0, c1)
+        coded = _host_array(streams["indices"]).reshape(rows, k)
+        # delta-coded and sorted: every entry >= 0, and a chunk's last index (its row's sum) is its largest.
+        # Checksums stop accidents, not forgers: indices outside their chunk must not reach index_add_
+        if coded.size and (int(coded.min()) < 0 or int(coded.sum(axis=1, dtype=np.int64).max()) >= c):
             raise CorruptionError("top-k indices fall outside their chunk", chunks=(c0, c1))
-        idx += (torch.arange(c1 - c0, device=dev) * c).unsqueeze(1)
-        idx, vals = idx.reshape(-1), vals.reshape(-1)
-        keep = idx < acc.numel()  # the last chunk's padding never holds a real value
-        acc.index_add_(0, idx[keep], vals[keep], alpha=sign)
+        # only the vector's last chunk can reach into padding, and only with its last (largest) indices
+        last_valid = int(np.count_nonzero(np.cumsum(coded[-1], dtype=np.int64) < acc.numel() - (rows - 1) * c))
+        idx = torch.cumsum(as_tensor(streams["indices"], dev).view(rows, k), dim=1, dtype=torch.int64)
+        idx += (torch.arange(rows, device=dev) * c).unsqueeze(1)
+        vals = as_tensor(streams["values"], dev).view(rows, k)
+        for i in range(rows):  # one index_add_ per chunk, scaled by its host-side scale
+            n = k if i < rows - 1 else last_valid
+            acc.index_add_(0, idx[i, :n], vals[i, :n].float(), alpha=sign * float(scale[i]))
 
 
 CODEC_NAMES = codec_names()  # the built-in codecs' names as written: ("fp32", "fp16", "bf16", "topk:F")

@@ -7,6 +7,7 @@ refuses symbolic links, FIFOs and devices (a crafted run directory must not make
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -22,7 +23,7 @@ from .errors import CorruptionError, FormatError
 MAX_JSON_BYTES = 64 << 20  # a store's JSON files are small; a crafted huge one is refused before it is parsed
 MAX_SAFETENSORS_HEADER = 100_000_000  # what the safetensors library itself accepts
 
-__all__ = ["crc32c", "atomic_write_bytes", "atomic_write_json", "read_json", "read_regular_file", "read_upto",
+__all__ = ["crc32c", "atomic_writer", "atomic_write_bytes", "atomic_write_json", "read_json", "read_regular_file", "read_upto",
            "fsync_path", "fsync_dir", "json_crc32c", "check_tree", "MAX_SAFETENSORS_HEADER", "tensor_crc32c",
            "read_safetensors_file", "parse_safetensors"]
 
@@ -47,16 +48,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a torn one.
-
-    On failure (a full disk) the temporary file is removed and ``path`` keeps its old content.
-    """
+@contextlib.contextmanager
+def atomic_writer(path: Path, *, durable: bool = True):
+    """A binary file to write ``path``'s new content into; on leaving the block it replaces ``path`` atomically
+    (after an fsync when ``durable``), so readers see the old or the new content, never a torn one. On failure (a
+    full disk) the temporary file is removed and ``path`` keeps its old content."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
@@ -69,6 +70,15 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a torn one.
+
+    On failure (a full disk) the temporary file is removed and ``path`` keeps its old content.
+    """
+    with atomic_writer(path, durable=durable) as f:
+        f.write(data)
 
 
 def json_crc32c(obj: dict, *, without: str = "crc32c") -> int:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .devices import resolve_device
-from .errors import CorruptionError
+from .errors import CorruptionError, StepSelectionError
 
 DEFAULT_INFLIGHT_BYTES = 512 << 20
 DEFAULT_BLOCK_BYTES = 16 << 20  # small enough that a ResNet-18 gives every thread a block of its own
@@ -60,7 +60,16 @@ class ReduceResult:
 
 
 def plan_unlearning(store, undo: np.ndarray) -> UnlearnPlan:
-    """Choose the plan that reads fewer steps (only the start path exists for a run that was not finalized)."""
+    """Choose the plan that reads fewer steps (only the start path exists for a run that was not finalized).
+
+    A selective store (some steps not stored) has only the first plan, for stored steps of a finalized store:
+    :class:`StepSelectionError` otherwise."""
+    if store.selective:
+        store.check_stored(undo)
+        if not store.complete:
+            raise StepSelectionError(f"{store.path} was recorded selectively and not finalized: without its final "
+                                     "state no step can be undone (the steps not stored are needed to rebuild it)")
+        return UnlearnPlan("final", undo, -1.0, False, undo)
     others = np.setdiff1d(np.arange(store.num_steps, dtype=np.int64), undo)
     if store.complete and len(undo) <= len(others):
         return UnlearnPlan("final", undo, -1.0, False, undo)
@@ -86,11 +95,13 @@ def _blocks(num_chunks: int, chunks_per_block: int) -> list[tuple[int, int]]:
 def reduce_steps(store, steps: np.ndarray, *, device: torch.device = torch.device("cpu"),
                  into: torch.Tensor | None = None, sign: float = 1.0, workers: int = 2,
                  max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                 progress: bool = False) -> ReduceResult:
+                 progress: bool = False, pipeline: bool | None = None) -> ReduceResult:
     """Add ``sign`` times the sum of ``steps`` (sorted, committed) into ``into`` (or zeros) and return it.
 
     ``block_bytes`` (encoded stream bytes per task) and ``max_inflight_bytes`` bound the memory used besides the
-    accumulator; ``workers`` is the number of reading threads. A damaged or missing chunk raises
+    accumulator; ``workers`` is the number of reading threads. ``pipeline`` (default: on CUDA) decodes into a
+    fixed pool of host buffers (pinned on CUDA) and sums on the calling thread; on the CPU it exists so that
+    tests can run that path without a GPU. A damaged or missing chunk raises
     :class:`CorruptionError` naming the step and the tensors it holds.
     """
     t0 = time.perf_counter()
@@ -129,9 +140,12 @@ def reduce_steps(store, steps: np.ndarray, *, device: torch.device = torch.devic
         from tqdm import tqdm
         bar = tqdm(total=len(tasks), unit="block", desc="reducing", leave=False)
     try:
-        if device.type == "cuda":
-            encoded = _reduce_to_device(tasks, read, add, workers, depth, bar)
-            torch.cuda.synchronize(device)
+        if pipeline if pipeline is not None else device.type == "cuda":
+            encoded = _reduce_to_device(codec, acc, tasks, read, add, workers, depth, bar)
+            if device.type == "cuda":
+                done = torch.cuda.Event(blocking=True)  # sleep until the sums are in, rather than spin a core
+                done.record(torch.cuda.current_stream(device))
+                done.synchronize()
         else:
             encoded = _reduce_on_cpu(tasks, read, add, workers, len(blocks), bar)
     finally:
@@ -199,35 +213,90 @@ def _reduce_on_cpu(tasks, read, add, workers, num_blocks, bar) -> int:
         return sum(f.result() for f in futures)
 
 
-def _reduce_to_device(tasks, read, add, workers, depth, bar) -> int:
-    """Threads decode into pinned host memory; this thread copies each block over (non-blocking) and sums it.
+def _reduce_to_device(codec, acc, tasks, read, add, workers, depth, bar) -> int:
+    """Threads decode into a fixed pool of host buffers; this thread uploads each block and sums it on the device.
 
-    torch's caching host allocator does not hand a pinned block out again before the copy that used it has run, so
-    dropping the host tensors after queuing the copy is safe.
+    The pool is ``depth + workers`` buffers of one task each, cut from one (pinned) allocation, with one event per
+    buffer: after queueing a block's uploads and sums this thread records the buffer's event and gives the buffer
+    back; a reading thread that takes it waits on that event first, so a queued copy never reads a refilled buffer.
+    Nothing here waits for the device (scales and top-k indices are checked on the host, see
+    :meth:`Codec.accumulate`), so reading, decoding and summing overlap.
     """
-    def alloc(spec, need: int) -> np.ndarray:
-        return torch.empty(need * np.dtype(spec.dtype).itemsize, dtype=torch.uint8, pin_memory=True).numpy()
+    from .hostpool import HostBufferPool
+    cuda = acc.device.type == "cuda"
+    largest = max((_task_buffer_bytes(codec, c0, c1) for _, c0, c1 in tasks), default=1)
+    pool = HostBufferPool(depth + workers, largest, pin=cuda)
+    stream = torch.cuda.current_stream(acc.device) if cuda else None
 
     def produce(step: int, c0: int, c1: int):
-        data, side = read(step, c0, c1, alloc)
-        return (step, c0, c1), {k: torch.from_numpy(v) for k, v in data.items()}, side
+        index = pool.acquire()
+        try:
+            regions = iter(_regions(codec, c0, c1))
+
+            def alloc(spec, need: int) -> np.ndarray:
+                name, offset = next(regions)
+                assert name == spec.name
+                return pool.array(index, spec.dtype, need, offset)
+
+            data, side = read(step, c0, c1, alloc)
+        except BaseException:
+            pool.release(index)
+            raise
+        return index, (step, c0, c1), data, side
+
+    def consume(future) -> int:
+        index, task, data, side = future.result()
+        try:
+            added = add(task, data, side)
+            if cuda:
+                pool.record(index, stream)  # the uploads just queued read this buffer
+        finally:
+            pool.release(index)
+        if bar is not None:
+            bar.update()
+        return added
 
     encoded = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltastore-read") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltastore-read") as threads:
         pending: deque = deque()
         try:
             for task in tasks:
-                pending.append(pool.submit(produce, *task))
+                pending.append(threads.submit(produce, *task))
                 if len(pending) >= depth:
-                    encoded += add(*pending.popleft().result())
-                    bar and bar.update()
+                    encoded += consume(pending.popleft())
             while pending:
-                encoded += add(*pending.popleft().result())
-                bar and bar.update()
+                encoded += consume(pending.popleft())
         finally:
-            for f in pending:
-                f.cancel()
+            for f in pending:  # give back the buffers of blocks read but never summed (after an error)
+                if not f.cancel():
+                    try:
+                        pool.release(f.result()[0])
+                    except BaseException:  # noqa: BLE001 - the first error is the one raised
+                        pass
     return encoded
+
+
+def _regions(codec, c0: int, c1: int) -> list[tuple[str, int]]:
+    """Where each stream of block ``[c0, c1)`` goes in a pool buffer: (stream name, byte offset), aligned."""
+    from .hostpool import align
+    out, offset = [], 0
+    for s in codec.streams():
+        out.append((s.name, offset))
+        offset += align(_stream_buffer_elems(s, c0, c1) * np.dtype(s.dtype).itemsize)
+    return out
+
+
+def _task_buffer_bytes(codec, c0: int, c1: int) -> int:
+    from .hostpool import align
+    return sum(align(_stream_buffer_elems(s, c0, c1) * np.dtype(s.dtype).itemsize) for s in codec.streams())
+
+
+def _stream_buffer_elems(spec, c0: int, c1: int) -> int:
+    """Elements a reader may need for stream ``spec`` of chunks ``[c0, c1)``: backends decode whole inner chunks
+    (``per_chunk`` each), so the range is rounded out to them."""
+    lo, hi = spec.chunk_range(c0, c1)
+    per = max(1, spec.per_chunk)
+    return (-(-hi // per) - lo // per) * per
 
 
 def _add(codec, acc: torch.Tensor, task, data, side, sign: float) -> int:

@@ -44,12 +44,10 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
-from safetensors.torch import load as safetensors_from_bytes  # never pickle: plain tensors only
 import torch
 
 from .backends import backend_class, directory_bytes
@@ -58,18 +56,17 @@ from .devices import resolve_device
 from .errors import (CorruptionError, DeltaStoreError, FormatError, InvalidArgumentError, LayoutMismatchError,
                      ReadOnlyError, StepSelectionError, StoreExistsError, StoreNotFoundError)
 from .generation import data_dir, generation_fields, generation_of, remove_stale, write_attachment
-from .fileio import (atomic_write_bytes, atomic_write_json, check_tree, crc32c, json_crc32c, read_json,
-                     read_regular_file)
+from .fileio import atomic_write_json, check_tree, json_crc32c, read_json
 from .layout import TensorLayout
 from .lock import WriterLock
+from .snapshots import PIECE_BYTES, SnapshotFile, flat_into, write_snapshot
 from .steplog import RaggedField, StepLogWriter, read_step_log, record_ends
 from .validation import (COMPLETE, FORMAT_VERSION, MAX_CHUNK_ELEMS, RECORDING, _backend_meta_crcs, _check_backend_meta,
                          _check_meta, _check_start_fits, _read_commit, _sealed)
 
-MAX_SNAPSHOT_BYTES = 1 << 40
-MAX_SAFETENSORS_HEADER = 100_000_000  # what the safetensors library itself accepts
 DEFAULT_CHUNK_ELEMS = 1 << 20  # 4 MiB of float32 per chunk
 MIN_PADDED_CHUNK = 1 << 17
+UNSTORED_FIELD = "_unstored"  # step-log field present (one element) on a step committed without its delta
 
 
 class DeltaStore:
@@ -138,7 +135,7 @@ class DeltaStore:
         lock = WriterLock(path)
         lock.acquire()
         try:
-            start_crc, start_bytes = _save_snapshot(path / "start.safetensors", start)
+            start_crc, start_bytes = write_snapshot(path / "start.safetensors", start)
             backend_cls.create(path / "deltas", parsed.streams(), durable=durable)
             meta = {"format": "deltastore", "version": FORMAT_VERSION, "layout": layout.to_json(),
                     "codec": parsed.name, "chunk_elems": chunk_elems, "backend": backend, "durable": durable,
@@ -228,20 +225,46 @@ class DeltaStore:
         return self.meta["attrs"]
 
     # ---------------------------------------------------------------- writing
-    def append(self, streams: Mapping[str, np.ndarray], side: Mapping[str, np.ndarray],
+    def append(self, streams: Mapping[str, np.ndarray] | None, side: Mapping[str, np.ndarray] | None,
                metadata: Mapping[str, np.ndarray]) -> int:
-        """Write one encoded step and commit it with its metadata; returns the step number."""
+        """Write one encoded step and commit it with its metadata; returns the step number.
+
+        ``streams=None`` (and ``side=None``) commits a step whose delta is not stored (selective recording): it
+        keeps its number and metadata, but it can be neither read nor undone, and ``S_0 + sum(deltas) == S_T`` no
+        longer holds for the store (see :attr:`stored_mask`).
+        """
+        self._check_appendable()
+        step = self.num_steps
+        if streams is None:
+            return self._commit_step(step, metadata, {}, lambda: {UNSTORED_FIELD: np.ones(1, np.int32)})
+        return self._commit_step(step, metadata, side, lambda: self.backend.write_step(step, dict(streams)))
+
+    def begin_step(self):
+        """Start the next step, to be written piece by piece as the pieces arrive and committed whole at the end
+        (a :class:`deltastore.pieces.StepAppender`: ``write(c0, c1, streams, side)`` per piece of data chunks,
+        then ``commit(metadata)`` or ``abort()``). Until the commit nothing of the step is visible."""
+        from .pieces import StepAppender
+        self._check_appendable()
+        return StepAppender(self)
+
+    def _check_appendable(self) -> None:
         if not self.writable:
             raise ReadOnlyError(f"{self.path} was opened for reading; open it with writable=True to append")
         if self.complete:
             raise ReadOnlyError(f"{self.path} is complete; no more steps can be appended")
-        step = self.num_steps
+
+    def _commit_step(self, step: int, metadata: Mapping[str, np.ndarray], side: Mapping[str, np.ndarray],
+                     write) -> int:
+        """Commit protocol: ``write()`` makes the step's data durable (returning backend fields for the log),
+        then the step-log record, then the commit file."""
+        if step != self.num_steps:
+            raise DeltaStoreError(f"step {step} cannot be committed: the store has {self.num_steps} steps")
         fields = {k: np.asarray(v) for k, v in metadata.items()}
         if any(k.startswith("_") for k in fields):
             raise FormatError("metadata names starting with '_' are reserved for the store")
         fields.update({f"_{k}": np.asarray(v, np.float32) for k, v in side.items()})
         try:
-            fields.update(self.backend.write_step(step, dict(streams)))
+            fields.update(write())
             log_bytes = self._log.append(step, fields)
             self._write_commit(_sealed({**self._commit, "steps": step + 1, "log_bytes": log_bytes}))
         except BaseException:
@@ -258,25 +281,38 @@ class DeltaStore:
         return self.append({k: _to_numpy(v) for k, v in streams.items()}, {k: _to_numpy(v) for k, v in side.items()},
                            {k: _to_numpy(torch.as_tensor(v)).astype(np.int64) for k, v in (metadata or {}).items()})
 
-    def finalize(self, final: Mapping[str, torch.Tensor], residual: torch.Tensor | None = None, *,
+    def finalize(self, final: Mapping[str, torch.Tensor],
+                 residual: torch.Tensor | Callable[[int, int], torch.Tensor] | None = None, *,
                  attachments: Mapping[str, bytes] | None = None) -> None:
         """Save S_T (and a lossy codec's residual), record the codec's error and mark the store complete.
 
-        ``attachments`` (name -> bytes) are committed with it (see :mod:`deltastore.generation`)."""
+        Both are written tensor by tensor (the residual piece by piece: it may be given as a function returning
+        its flat elements ``[lo, hi)``), so finalizing holds no extra copy of the state. ``attachments`` (name ->
+        bytes) are committed with it (see :mod:`deltastore.generation`).
+        """
         if not self.writable:
             raise ReadOnlyError(f"{self.path} was opened for reading")
         self.layout.check(final)
-        final_crc, final_bytes = _save_snapshot(self.data_dir / "final.safetensors", final)
+        final_crc, final_bytes = write_snapshot(self.data_dir / "final.safetensors", final)
         commit = {**self._commit, "status": COMPLETE, "final_crc32c": final_crc, "final_bytes": final_bytes}
-        final_flat = self.layout.flatten({k: v.detach().cpu() for k, v in final.items()})
-        moved = (final_flat - self.read_snapshot_flat("start")).norm().item()
+        moved = math.sqrt(self._moved_squared(final))
+        commit["codec_error"] = 0.0
         if residual is not None:
-            residual = residual.detach().float().cpu()
-            commit["residual_crc32c"], commit["residual_bytes"] = _save_snapshot(self.data_dir / "residual.safetensors",
-                                                                                {"residual": residual})
-            commit["codec_error"] = residual.norm().item() / moved if moved > 0 else 0.0
-        else:
-            commit["codec_error"] = 0.0
+            squares = [0.0]
+            n = self.layout.numel
+            step = PIECE_BYTES // 4
+
+            def pieces():  # the residual given whole or as a function of a range, written and measured piecewise
+                for lo in range(0, n, step):
+                    hi = min(lo + step, n)
+                    piece = residual(lo, hi) if callable(residual) else residual.reshape(-1)[lo:hi]
+                    piece = piece.detach().float().cpu()
+                    squares[0] += float(torch.linalg.vector_norm(piece)) ** 2  # no piece-sized temporary
+                    yield piece
+
+            commit["residual_crc32c"], commit["residual_bytes"] = write_snapshot(
+                self.data_dir / "residual.safetensors", {"residual": (torch.float32, (n,), pieces)})
+            commit["codec_error"] = math.sqrt(squares[0]) / moved if moved > 0 else 0.0
         for name, data in (attachments or {}).items():
             commit["attachments"] = {**commit.get("attachments", {}),
                                      name: write_attachment(self.data_dir, name, data, self._commit,
@@ -284,6 +320,17 @@ class DeltaStore:
         self._write_commit(_sealed(commit))
         if attachments:
             remove_stale(self.path, self._commit)  # the replaced versions (this writer holds the lock)
+
+    def _moved_squared(self, final: Mapping[str, torch.Tensor]) -> float:
+        """``|S_T - S_0|^2`` over the layout's tensors, read and compared piece by piece."""
+        total = 0.0
+        with self._snapshot_file("start") as start:
+            for e in self.layout.entries:
+                flat = final[e.name].detach().reshape(-1)
+                for a, b in start.ranges(e.name):
+                    diff = flat[a:b].float().cpu() - start.read_range(e.name, a, b).float()
+                    total += float(torch.linalg.vector_norm(diff)) ** 2
+        return total
 
     def _write_commit(self, commit: dict) -> None:
         atomic_write_json(self.path / "commit.json", commit, durable=self.meta["durable"])
@@ -315,6 +362,27 @@ class DeltaStore:
                                         num_steps=self.num_steps)
         return self._table
 
+    @property
+    def stored_mask(self) -> np.ndarray:
+        """One bool per committed step: False for a step committed without its delta (selective recording)."""
+        unstored = self._step_table().get(UNSTORED_FIELD)
+        if unstored is None:
+            return np.ones(self.num_steps, bool)
+        return np.diff(unstored.offsets) == 0
+
+    @property
+    def selective(self) -> bool:
+        """True if some committed step was not stored: only stored steps can be undone, and only from S_T."""
+        return UNSTORED_FIELD in self._step_table()
+
+    def check_stored(self, steps: np.ndarray) -> None:
+        """Raise :class:`StepSelectionError` naming the steps among ``steps`` (checked, sorted) that were not
+        stored."""
+        missing = steps[~self.stored_mask[steps]] if steps.size else steps
+        if missing.size:
+            raise StepSelectionError(f"{missing.size} of the selected steps were not stored (selective recording), "
+                                     f"e.g. {missing[:5].tolist()}: they cannot be read or undone")
+
     def side_arrays(self, step: int) -> dict[str, np.ndarray]:
         """The store-internal per-step arrays (codec scales, backend checksums) of ``step``, without the '_'."""
         side = {k[1:]: v.of(step) for k, v in self._step_table().items() if k.startswith("_")}
@@ -325,8 +393,8 @@ class DeltaStore:
                                       "step cannot be decoded", step=step)
         return side
 
-    def read_snapshot(self, which: str) -> dict[str, torch.Tensor]:
-        """Load ``start``, ``final`` or ``residual`` after checking its crc32c."""
+    def _snapshot_file(self, which: str) -> SnapshotFile:
+        """Open ``start``, ``final`` or ``residual`` for reading, after checking its size and crc32c."""
         key = {"start": None, "final": "final", "residual": "residual"}[which]
         # a rewrite that changed the start state (retention) records its checksum in the commit file
         source = self._commit if key is not None or "start_crc32c" in self._commit else self.meta
@@ -334,41 +402,38 @@ class DeltaStore:
         if expected is None:
             raise StoreNotFoundError(f"{self.path} has no {which} state"
                                      + (" yet: the run was not closed (complete)" if which == "final" else ""))
-        path = self.data_dir / f"{which}.safetensors"
-        try:
-            data = read_regular_file(path, f"the {which} state", max_bytes=MAX_SNAPSHOT_BYTES,
-                                     expected_size=source.get(f"{which}_bytes"))
-        except FileNotFoundError:
-            raise CorruptionError(f"the {which} state is missing", path=path) from None
-        if crc32c(data) != expected:
-            raise CorruptionError(f"the {which} state fails its crc32c checksum: the file was changed or damaged",
-                                  path=path)
-        if len(data) < 8 or int.from_bytes(data[:8], "little") > min(len(data) - 8, MAX_SAFETENSORS_HEADER):
-            raise FormatError(f"{path} has a malformed safetensors header")
-        try:
-            tensors = safetensors_from_bytes(data)
-        except Exception as e:  # a crc-valid but malformed file: only possible if crafted
-            raise FormatError(f"{path} is not a valid safetensors file: {e}") from None
-        if which == "residual" and (set(tensors) != {"residual"} or tensors["residual"].numel() != self.layout.numel
-                                    or not tensors["residual"].is_floating_point()):
-            raise FormatError(f"{path} does not hold one residual vector of {self.layout.numel} elements")
-        return tensors
+        snap = SnapshotFile(self.data_dir / f"{which}.safetensors", expected_crc=expected,
+                            expected_size=source.get(f"{which}_bytes"), what=f"the {which} state")
+        if which == "residual":
+            meta = snap.meta()
+            if set(meta) != {"residual"} or meta["residual"].numel() != self.layout.numel \
+                    or not meta["residual"].is_floating_point():
+                snap.close()
+                raise FormatError(f"{snap.path} does not hold one residual vector of {self.layout.numel} elements")
+        return snap
+
+    def read_snapshot(self, which: str) -> dict[str, torch.Tensor]:
+        """Load ``start``, ``final`` or ``residual`` after checking its crc32c (tensor by tensor, no extra copy)."""
+        with self._snapshot_file(which) as snap:
+            return {name: snap.tensor(name) for name in snap.names()}
 
     def read_snapshot_flat(self, which: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """``start``, ``final`` or ``residual`` as one flat float32 vector on ``device`` (checked like
-        :meth:`read_snapshot`; a residual of an exact codec is zeros)."""
+        """A snapshot's floating tensors as one flat float32 vector on ``device``, read piece by piece."""
         device = resolve_device(device)
-        if which == "residual":
-            if not self.codec.lossy:  # an exact codec leaves nothing behind
-                return torch.zeros(self.layout.numel, device=device)
-            return self.read_snapshot("residual")["residual"].float().to(device)
-        tensors = self.read_snapshot(which)
-        try:
-            self.layout.check(tensors)
-        except LayoutMismatchError as e:
-            raise CorruptionError(f"the {which} state does not match the store's layout: {e}",
-                                  path=self.data_dir / f"{which}.safetensors") from None
-        return self.layout.flatten(tensors, out=torch.empty(self.layout.numel, device=device))
+        if which == "residual" and not self.codec.lossy:  # an exact codec leaves nothing behind
+            return torch.zeros(self.layout.numel, device=device)
+        out = torch.empty(self.layout.numel, device=device)
+        with self._snapshot_file(which) as snap:
+            if which == "residual":
+                for a, b in snap.ranges("residual"):
+                    out[a:b].copy_(snap.read_range("residual", a, b))
+                return out
+            try:
+                self.layout.check(snap.meta())
+            except LayoutMismatchError as e:
+                raise CorruptionError(f"the {which} state does not match the store's layout: {e}",
+                                      path=self.data_dir / f"{which}.safetensors") from None
+            return flat_into(snap, self.layout, out)
 
     def read_step(self, step: int, device: str | torch.device = "cpu") -> torch.Tensor:
         """The decoded flat float32 delta of one committed step."""
@@ -386,7 +451,9 @@ class DeltaStore:
     def sum_steps(self, steps: Iterable[int], *, device: str | torch.device = "cpu", **reduce_options) -> torch.Tensor:
         """Sum of the decoded deltas of ``steps`` as one flat float32 tensor on ``device`` (streamed, bounded)."""
         from .reduce import reduce_steps
-        return reduce_steps(self, self.check_steps(steps), device=resolve_device(device), **reduce_options).total
+        steps = self.check_steps(steps)
+        self.check_stored(steps)
+        return reduce_steps(self, steps, device=resolve_device(device), **reduce_options).total
 
     def state_without(self, steps: Iterable[int], *, device: str | torch.device = "cpu",
                       **reduce_options) -> torch.Tensor:
@@ -411,10 +478,11 @@ class DeltaStore:
     # ---------------------------------------------------------------- reporting
     def info(self) -> dict:
         bytes_on_disk = directory_bytes(self.path)
-        raw = self.num_steps * self.layout.numel * 4
+        stored = int(self.stored_mask.sum())
+        raw = stored * self.layout.numel * 4
         delta_bytes = directory_bytes(self.data_dir / "deltas")
         return {"path": str(self.path), "format_version": self.meta["version"], "status": self.status,
-                "steps": self.num_steps, "codec": self.codec.name, "lossy": self.codec.lossy,
+                "steps": self.num_steps, "stored_steps": stored, "codec": self.codec.name, "lossy": self.codec.lossy,
                 "backend": self.meta["backend"], "tensors": len(self.layout.entries), "elements": self.layout.numel,
                 "chunk_elems": self.codec.chunk_elems, "bytes_on_disk": bytes_on_disk, "delta_bytes": delta_bytes,
                 "raw_fp32_bytes": raw, "ratio": (delta_bytes / raw) if raw else math.nan,
@@ -434,9 +502,8 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _save_snapshot(path: Path, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    """Save tensors with safetensors (no pickle), atomically and durably; return the file's crc32c and size."""
-    data = safetensors.torch.save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
-    atomic_write_bytes(path, data, durable=True)
-    return crc32c(data), len(data)
 
+
+def _save_snapshot(path: Path, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """Save tensors as safetensors (no pickle), atomically and durably, tensor by tensor; return crc32c and size."""
+    return write_snapshot(path, tensors, durable=True)

@@ -90,6 +90,7 @@ def _break_writer(rec) -> None:
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     rec.store.backend.write_step = full
+    rec.store.backend.begin_step = full  # steps reach the backend piece by piece (deltastore/pieces.py)
 
 
 def ddp(out: Path, rank: int, world: int) -> dict:

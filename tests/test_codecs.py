@@ -81,3 +81,22 @@ def test_a_registered_codec_works_everywhere_without_other_changes(tmp_path, mon
     exact = start["w"] + sum(d for t, d in enumerate(deltas) if t != 2)
     assert (undone - exact).abs().max() < 5 * float(np.abs(deltas[2].numpy()).max()) / 127
     assert "int8" in codecs.codec_names()
+
+
+def test_a_registered_codec_records_piece_by_piece_through_the_default_encode_piece(tmp_path, monkeypatch):
+    from deltastore import StepStreamer
+    monkeypatch.setattr(codecs, "_REGISTRY", dict(codecs._REGISTRY))
+    codecs.register_codec(_Int8Codec)
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(3030, generator=g)}
+    store = DeltaStore.create(tmp_path / "s", state, codec="int8", chunk_elems=512, durable=False)
+    streamer = StepStreamer(store, state, device="cpu", piece_elems=1024)
+    for t in range(4):
+        state["w"] += 1e-3 * torch.randn(3030, generator=g)
+        streamer.record(state, {"ids": np.array([t])})
+    streamer.close()
+    streamer.finalize(state)
+    store = DeltaStore.open(tmp_path / "s")
+    report = verify_store(store)
+    assert report["ok"], report["faults"]
+    assert store.num_steps == 4 and store.commit_record["codec_error"] < 0.05

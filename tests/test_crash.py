@@ -80,10 +80,11 @@ def test_full_disk_reaches_the_training_loop_at_the_next_step(tmp_path, monkeypa
     fail_at = 4
     rec = amnesiac.Recorder(model, opt, tmp_path / "run", backend=backend, durable=False, slots=1)
     store = rec.store
-    if where == "backend":
-        original = store.backend.write_step
-        monkeypatch.setattr(store.backend, "write_step",
-                            lambda step, streams: _enospc() if step == fail_at else original(step, streams))
+    if where == "backend":  # steps reach the backend piece by piece (deltastore/pieces.py)
+        import deltastore.pieces as pieces_module
+        original = pieces_module.begin_backend_step
+        monkeypatch.setattr(pieces_module, "begin_backend_step",
+                            lambda backend, step: _enospc() if step == fail_at else original(backend, step))
     elif where == "step-log":
         original = store._log.append
         monkeypatch.setattr(store._log, "append",
