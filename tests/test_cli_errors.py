@@ -99,7 +99,7 @@ def test_benchmarks_refuse_unknown_workloads_and_codecs(tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["forget", "--run", "r", "--classes", "3"], "the following arguments are required: --out"),
+    (["forget", "--classes", "3"], "the following arguments are required: --run"),
     (["train", "--dataset", "imagenet", "--model", "mlp", "--run", "r"], "invalid choice: 'imagenet'"),
 ])
 def test_argument_errors_are_one_line(argv, needle, capsys):
