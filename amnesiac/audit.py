@@ -188,8 +188,9 @@ def add_audit_parser(sub) -> None:
                        "steps on disk, that the final weights match the last receipt, and every checksum of the "
                        "run; it exits 1 and names each fault otherwise.")
     a.add_argument("run", help="the run directory")
-    a.add_argument("--verify", action="store_true", help="check the receipts against the run (exit 1 on a fault)")
+    a.add_argument("--verify", action="store_true", help="check the receipts against the run, exit 1 on a fault "
+                   "(default: only list them)")
     a.add_argument("--json", action="store_true", help="print the receipts as a JSON list (with --verify: an "
-                   "object with ok, faults and receipts)")
+                   "object with ok, faults and receipts; default: text)")
     a.set_defaults(func=cmd_audit)
 
