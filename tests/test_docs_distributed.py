@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -22,28 +23,33 @@ def expected(code: str) -> str:
 
 
 def torchrun(tmp_path, names: list[str], ranks: int = 2) -> str:
-    """Run the examples one after the other in the same torchrun job (one start-up for all)."""
-    scripts = []
-    for name in names:
-        scripts.append(tmp_path / f"{name}_example.py")
-        scripts[-1].write_text(EXAMPLES[name])
-    driver = tmp_path / "driver.py"
-    driver.write_text("import runpy, sys\n"
-                      "for script, run_dir in zip(sys.argv[1::2], sys.argv[2::2]):\n"
-                      "    sys.argv = [script, run_dir]\n"
-                      "    runpy.run_path(script, run_name='__main__')\n")
+    """Run each example in its own torchrun job and return their joined output.
+
+    One job per example: a second ``init_process_group`` in the same processes, on the same rendezvous store, was
+    seen to hang in gloo's set-up. On a time-out the whole process group is killed, so no rank is left behind.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={ranks}",
-           "--master-addr", "127.0.0.1", "--master-port", str(port), str(driver)]
-    for name, script in zip(names, scripts):
-        cmd += [str(script), str(tmp_path / f"run-{name}")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
+    outputs = []
+    for name in names:
+        script = tmp_path / f"{name}_example.py"
+        script.write_text(EXAMPLES[name])
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={ranks}",
+               "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), str(tmp_path / f"run-{name}")]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=tmp_path, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"torchrun {name} example timed out after 300 s:\n{out[-2000:]}{err[-3000:]}")
+        assert proc.returncode == 0, out[-2000:] + err[-3000:]
+        outputs.append(out)
+    return "".join(outputs)
 
 
 def test_every_example_is_found():
