@@ -74,7 +74,7 @@ def test_a_purge_failing_at_any_file_operation_leaves_the_run_before_or_after(tm
     import shutil
     targets = [(deltastore.rewrite, "_link_or_copy"), (deltastore.rewrite, "atomic_write_bytes"),
                (deltastore.rewrite, "atomic_write_json"), (deltastore.rewrite, "remove_stale"),
-               (deltastore.generation, "atomic_write_bytes"), (deltastore.store, "atomic_write_bytes"),
+               (deltastore.generation, "atomic_write_bytes"), (deltastore.store, "write_snapshot"),
                (deltastore.rewrite.shutil, "copyfile")]
     seen_before = seen_after = 0
     for k in range(1, 200):
